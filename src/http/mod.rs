@@ -1,0 +1,163 @@
+//! The pingora side, thin: adapts a `ServerSession` to the registry's request/response types,
+//! writes bodies in large pieces, and logs one access line per request. Policy lives in
+//! `registry`, bytes in `store`.
+
+pub mod admin;
+
+use crate::metrics;
+use crate::oci::{ErrorCode, OciError};
+use crate::registry::{Body, Outcome, Registry, Request, RequestBody, Response};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use pingora::apps::{HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Blob bodies are read and written in pieces this large: few syscalls and wakeups per GB.
+const CHUNK: usize = 1 << 20;
+
+pub struct RegistryApp {
+    pub registry: Arc<Registry>,
+}
+
+struct SessionBody<'a> {
+    session: &'a mut ServerSession,
+    expect_continue: bool,
+}
+
+#[async_trait]
+impl RequestBody for SessionBody<'_> {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, OciError> {
+        if self.expect_continue {
+            // Only now that the body is wanted: a request refused before reading never
+            // makes the client send it.
+            self.expect_continue = false;
+            self.session
+                .write_continue_response()
+                .await
+                .map_err(|e| OciError::msg(ErrorCode::BlobUploadInvalid, format!("cannot answer 100-continue: {e}")))?;
+        }
+        self.session
+            .read_request_body()
+            .await
+            .map_err(|e| OciError::msg(ErrorCode::BlobUploadInvalid, format!("request body interrupted: {e}")))
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for RegistryApp {
+    async fn process_new_http(self: &Arc<Self>, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            _ => return None,
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let started = Instant::now();
+        let head = session.req_header();
+        let method = head.method.clone();
+        let path = head.uri.path().to_string();
+        let query = head.uri.query().map(str::to_string);
+        let headers = head.headers.clone();
+        let expect_continue = headers
+            .get(http::header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers };
+        let mut outcome = Outcome::default();
+        let resp = {
+            let mut body = SessionBody { session: &mut session, expect_continue };
+            self.registry.handle(&req, &mut body, &mut outcome).await
+        };
+        let status = resp.status;
+        let written = write_response(&mut session, resp, method == http::Method::HEAD).await;
+        let bytes = written.as_ref().map(|n| *n).unwrap_or(0);
+        metrics::record_request(method.as_str(), outcome.route, status, started.elapsed());
+        tracing::info!(
+            target: "access",
+            method = %method,
+            route = outcome.route,
+            repository = outcome.repository.as_deref().unwrap_or("-"),
+            status,
+            bytes,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            cache = outcome.cache.unwrap_or("-"),
+            upstream = outcome.upstream.as_deref().unwrap_or("-"),
+            error = written.as_ref().err().map(|e| e.as_str()).unwrap_or(""),
+        );
+        if written.is_err() {
+            return None;
+        }
+        if !session.is_body_done() {
+            // The body was refused unread (an early error): don't reuse a connection whose
+            // request stream position is unknown.
+            session.set_keepalive(None);
+        }
+        let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+            _ => None,
+        }
+    }
+}
+
+/// Writes a response; returns the body bytes sent.
+pub async fn write_response(session: &mut ServerSession, resp: Response, head_only: bool) -> Result<u64, String> {
+    let Response { status, headers, body, content_length } = resp;
+    let mut h = ResponseHeader::build(status, Some(headers.len() + 3)).map_err(|e| e.to_string())?;
+    h.insert_header("Docker-Distribution-Api-Version", "registry/2.0").map_err(|e| e.to_string())?;
+    for (k, v) in headers {
+        h.append_header(k, v).map_err(|e| e.to_string())?;
+    }
+    let len = content_length.or(body.len());
+    match len {
+        Some(n) => h.insert_header("Content-Length", n.to_string()).map_err(|e| e.to_string())?,
+        None if !head_only => h.insert_header("Transfer-Encoding", "chunked").map_err(|e| e.to_string())?,
+        None => {}
+    }
+    session.write_response_header(Box::new(h)).await.map_err(|e| e.to_string())?;
+    if head_only {
+        session.finish_body().await.map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
+    let mut sent = 0u64;
+    match body {
+        Body::Empty => {}
+        Body::Full(b) => {
+            sent = b.len() as u64;
+            session.write_response_body(b, true).await.map_err(|e| e.to_string())?;
+        }
+        Body::File { file, offset, len } => {
+            let file = Arc::new(file);
+            while sent < len {
+                let n = CHUNK.min((len - sent) as usize);
+                let f = file.clone();
+                let at = offset + sent;
+                let chunk = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    f.read_exact_at(&mut buf, at).map(|_| Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading blob: {e}"))?;
+                sent += chunk.len() as u64;
+                session.write_response_body(chunk, sent == len).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Body::Stream { mut stream, .. } => {
+            while let Some(item) = stream.next().await {
+                let chunk = item.map_err(|e| format!("upstream body: {e}"))?;
+                sent += chunk.len() as u64;
+                session.write_response_body(chunk, false).await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    session.finish_body().await.map_err(|e| e.to_string())?;
+    Ok(sent)
+}

@@ -1,0 +1,22 @@
+//! berth: a pull-through caching proxy for container registries that is also the
+//! authoritative registry for private namespaces.
+//!
+//! ```text
+//! client ──► http (pingora, thin) ──► registry::Registry::handle
+//!                                        │ resolve: ?ns= / host prefix / hosted namespace / default upstream
+//!                                        ├─► hosted: uploads, manifest PUT checks ──► store
+//!                                        └─► mirror: digest hit ──► store
+//!                                                    miss ──► fill (one upstream fetch per digest,
+//!                                                             every client streams the growing file)
+//!                                                             ──► upstream client (tokens, redirects)
+//! ```
+//! `oci` is the pure protocol; `store` never sees pingora; `upstream` never sees the server.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod oci;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,75 @@
+use berth::config::{Config, LogFormat};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// berth: a pull-through registry mirror and hosted OCI registry.
+#[derive(Parser)]
+#[command(name = "berth", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry (the embedded default config when no file is given).
+    Serve {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Validate a config file and exit non-zero with a message naming the bad key or file.
+    Check {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(Some(&config)).and_then(|c| c.check_environment().map_err(|e| e.to_string())) {
+            Ok(()) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berth: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config, log_json } => {
+            let cfg = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let format = if log_json { LogFormat::Json } else { cfg.log_format };
+            berth::telemetry::init(format, &cfg.log_level);
+            if let Err(e) = cfg.check_environment() {
+                eprintln!("berth: {e}");
+                return ExitCode::from(2);
+            }
+            tracing::info!(config = %config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded default)".into()), "starting berth {}", env!("CARGO_PKG_VERSION"));
+            match berth::server::run(cfg, None) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

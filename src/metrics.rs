@@ -1,0 +1,102 @@
+//! Every metric berth exports, in one place. Labels are bounded: never a repository, tag or
+//! digest.
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_http_requests_total", "Requests answered, by method, route and status", &["method", "route", "code"]).unwrap()
+});
+pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "berth_http_request_duration_seconds",
+        "Time to answer a request, by route",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    )
+    .unwrap()
+});
+pub static CACHE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_cache_requests_total", "Mirror lookups by kind and result", &["kind", "result"]).unwrap()
+});
+pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_upstream_requests_total", "Requests sent upstream, by upstream and status", &["upstream", "code"]).unwrap()
+});
+pub static UPSTREAM_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!("berth_upstream_request_duration_seconds", "Upstream response time to headers", &["upstream"]).unwrap()
+});
+pub static UPSTREAM_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_upstream_bytes_total", "Body bytes fetched from upstreams", &["upstream"]).unwrap()
+});
+pub static SERVED_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_served_bytes_total", "Body bytes served, by source", &["source"]).unwrap()
+});
+pub static FILLS_IN_FLIGHT: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("berth_fills_in_flight", "Upstream blob fills in progress").unwrap());
+pub static DIGEST_MISMATCH: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_digest_mismatch_total", "Content whose digest did not verify, never cached", &["source"]).unwrap()
+});
+pub static STORE_BYTES: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| register_int_gauge_vec!("berth_store_bytes", "Bytes in the store by class", &["class"]).unwrap());
+pub static UPLOADS_IN_PROGRESS: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("berth_uploads_in_progress", "Open upload sessions").unwrap());
+pub static RATELIMIT_REMAINING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("berth_upstream_ratelimit_remaining", "Pulls left as the upstream's ratelimit-remaining header says", &["upstream"]).unwrap()
+});
+pub static STALE_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_stale_served_total", "Cached tags served while the upstream failed", &["upstream"]).unwrap()
+});
+pub static BUILD_INFO: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| register_int_gauge_vec!("berth_build_info", "berth version", &["version"]).unwrap());
+
+/// Touches every metric so each appears in /metrics from the start, labelled ones with the
+/// label values berth knows in advance.
+pub fn init(upstreams: &[String]) {
+    BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    for kind in ["manifest", "blob"] {
+        for result in ["hit", "miss", "stale", "coalesced"] {
+            CACHE_REQUESTS.with_label_values(&[kind, result]);
+        }
+    }
+    for s in ["cache", "upstream", "hosted"] {
+        SERVED_BYTES.with_label_values(&[s]);
+    }
+    for s in ["manifest", "blob"] {
+        DIGEST_MISMATCH.with_label_values(&[s]);
+    }
+    for c in ["cache", "hosted"] {
+        STORE_BYTES.with_label_values(&[c]);
+    }
+    for u in upstreams {
+        UPSTREAM_BYTES.with_label_values(&[u]);
+        UPSTREAM_DURATION.with_label_values(&[u]);
+        STALE_SERVED.with_label_values(&[u]);
+        RATELIMIT_REMAINING.with_label_values(&[u]);
+        UPSTREAM_REQUESTS.with_label_values(&[u.as_str(), "200"]);
+    }
+    LazyLock::force(&FILLS_IN_FLIGHT);
+    LazyLock::force(&UPLOADS_IN_PROGRESS);
+    HTTP_REQUESTS.with_label_values(&["GET", "base", "200"]);
+    HTTP_DURATION.with_label_values(&["base"]);
+}
+
+pub fn record_request(method: &str, route: &'static str, status: u16, elapsed: Duration) {
+    let route = if route.is_empty() { "other" } else { route };
+    let method = match method {
+        "GET" | "HEAD" | "PUT" | "POST" | "PATCH" | "DELETE" => method,
+        _ => "OTHER",
+    };
+    let mut buf = itoa::Buffer::new();
+    HTTP_REQUESTS.with_label_values(&[method, route, buf.format(status)]).inc();
+    HTTP_DURATION.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+}
+
+pub fn render() -> String {
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&prometheus::gather(), &mut out).expect("metrics encode");
+    String::from_utf8(out).expect("metrics are utf-8")
+}

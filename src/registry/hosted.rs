@@ -1,0 +1,258 @@
+//! Hosted repositories: the full read/write distribution API over the store.
+
+use super::{serve, Request, RequestBody, Response};
+use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::oci::route::Endpoint;
+use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::registry::Registry;
+use crate::store::ManifestMeta;
+use bytes::{Bytes, BytesMut};
+use http::Method;
+
+pub async fn handle(reg: &Registry, req: &Request<'_>, ep: &Endpoint, repo: &RepoName, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+    let store = &reg.store;
+    let r = repo.as_str();
+    let m = req.method;
+    match ep {
+        Endpoint::Manifest { reference, .. } => match *m {
+            Method::GET | Method::HEAD => {
+                let d = match reference {
+                    Reference::Tag(t) => store.tag_digest(r, t.as_str()).ok_or_else(|| manifest_unknown(repo, reference))?,
+                    Reference::Digest(d) => d.clone(),
+                };
+                let meta = store.manifest_meta(r, &d).ok_or_else(|| manifest_unknown(repo, reference))?;
+                serve::manifest(store, &d, &meta)
+            }
+            Method::PUT => put_manifest(reg, req, repo, reference, body).await,
+            Method::DELETE => {
+                let found = match reference {
+                    Reference::Digest(d) => store.delete_manifest(r, d)?,
+                    Reference::Tag(t) => store.delete_tag(r, t.as_str())?,
+                };
+                if !found {
+                    return Err(manifest_unknown(repo, reference));
+                }
+                Ok(Response::new(202))
+            }
+            _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+        },
+        Endpoint::Blob { digest, .. } => match *m {
+            Method::GET | Method::HEAD => {
+                if !store.blob_linked(r, digest) {
+                    return Err(blob_unknown(digest));
+                }
+                serve::blob(store, digest, req.header("range"))?.ok_or_else(|| blob_unknown(digest))
+            }
+            Method::DELETE => {
+                if !store.unlink_blob(r, digest)? {
+                    return Err(blob_unknown(digest));
+                }
+                Ok(Response::new(202))
+            }
+            _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+        },
+        Endpoint::UploadStart { .. } => match *m {
+            Method::POST => start_upload(reg, req, repo, body).await,
+            _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+        },
+        Endpoint::Upload { uuid, .. } => upload(reg, req, repo, uuid, body).await,
+        Endpoint::TagsList { .. } => match *m {
+            Method::GET | Method::HEAD => super::listing::tags(reg, req, r),
+            _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+        },
+        Endpoint::Referrers { digest, .. } => match *m {
+            Method::GET | Method::HEAD => super::listing::referrers(reg, req, r, digest),
+            _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+        },
+        Endpoint::Base | Endpoint::Catalog => unreachable!("unnamed endpoints are answered before routing"),
+    }
+}
+
+fn manifest_unknown(repo: &RepoName, reference: &Reference) -> OciError {
+    OciError::msg(ErrorCode::ManifestUnknown, format!("manifest {reference} is not in {repo}"))
+        .detail(serde_json::json!({"name": repo.as_str(), "reference": reference.to_string()}))
+}
+
+fn blob_unknown(d: &Digest) -> OciError {
+    OciError::msg(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository")).detail(serde_json::json!({"digest": d.to_string()}))
+}
+
+fn declared_length(req: &Request<'_>) -> Option<u64> {
+    req.header("content-length").and_then(|v| v.parse().ok())
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+async fn read_limited(body: &mut dyn RequestBody, limit: usize) -> Result<Bytes, OciError> {
+    let mut buf = BytesMut::new();
+    while let Some(c) = body.chunk().await? {
+        if buf.len() + c.len() > limit {
+            return Err(OciError::msg(ErrorCode::TooLarge, format!("manifest exceeds {limit} bytes")));
+        }
+        buf.extend_from_slice(&c);
+    }
+    Ok(buf.freeze())
+}
+
+async fn put_manifest(reg: &Registry, req: &Request<'_>, repo: &RepoName, reference: &Reference, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+    if declared_length(req).is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        return Err(OciError::msg(ErrorCode::TooLarge, format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
+    }
+    let bytes = read_limited(body, MAX_MANIFEST_BYTES).await?;
+    let algo = match reference {
+        Reference::Digest(d) => d.algorithm(),
+        Reference::Tag(_) => Algorithm::Sha256,
+    };
+    let digest = Digest::of(algo, &bytes);
+    if let Reference::Digest(d) = reference {
+        if *d != digest {
+            return Err(OciError::msg(ErrorCode::DigestInvalid, format!("manifest body has digest {digest}, not {d}")));
+        }
+    }
+    let info = manifest::inspect(&bytes, req.header("content-type"))?;
+    let store = &reg.store;
+    let r = repo.as_str();
+    for b in &info.blobs {
+        if !store.blob_linked(r, b) || store.blob_size(b).is_none() {
+            return Err(OciError::msg(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}"))
+                .detail(serde_json::json!({"digest": b.to_string()})));
+        }
+    }
+    for c in &info.children {
+        if store.manifest_meta(r, c).is_none() {
+            return Err(OciError::msg(ErrorCode::ManifestBlobUnknown, format!("manifest {c} is not in {repo}"))
+                .detail(serde_json::json!({"digest": c.to_string()})));
+        }
+    }
+    let meta = ManifestMeta {
+        media_type: info.media_type.clone(),
+        size: bytes.len() as u64,
+        subject: info.subject.as_ref().map(|s| s.to_string()),
+        artifact_type: info.effective_artifact_type(),
+        annotations: info.annotations.clone(),
+    };
+    let tag = match reference {
+        Reference::Tag(t) => Some(t.as_str()),
+        Reference::Digest(_) => None,
+    };
+    store.put_manifest(r, &digest, bytes, meta, tag)?;
+    let mut resp = Response::new(201)
+        .header("Location", format!("/v2/{repo}/manifests/{digest}"))
+        .header("Docker-Content-Digest", digest.to_string());
+    if let Some(s) = &info.subject {
+        resp = resp.header("OCI-Subject", s.to_string());
+    }
+    Ok(resp)
+}
+
+fn upload_headers(r: Response, repo: &RepoName, id: &str, offset: u64) -> Response {
+    // Range is inclusive; an empty session reports "0-0" as registry:2 does.
+    r.header("Location", format!("/v2/{repo}/blobs/uploads/{id}"))
+        .header("Docker-Upload-UUID", id.to_string())
+        .header("Range", format!("0-{}", offset.saturating_sub(1)))
+}
+
+fn created(repo: &RepoName, d: &Digest) -> Response {
+    Response::new(201).header("Location", format!("/v2/{repo}/blobs/{d}")).header("Docker-Content-Digest", d.to_string())
+}
+
+async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+    let store = &reg.store;
+    if let Some(mount) = req.param("mount") {
+        let d = Digest::parse(&mount)?;
+        if let Some(from) = req.param("from") {
+            // A mount names the source by its client-visible name; only hosted sources whose
+            // link exists can lend a blob, so a private blob is never reachable by guessing.
+            if let Ok(super::Target::Hosted(src)) = reg.resolve(&from, None) {
+                if store.blob_linked(src.as_str(), &d) && store.blob_size(&d).is_some() {
+                    store.link_blob(repo.as_str(), &d)?;
+                    return Ok(created(repo, &d));
+                }
+            }
+        }
+    }
+    if let Some(dg) = req.param("digest") {
+        let d = Digest::parse(&dg)?;
+        let mut w = store.writer(d.algorithm())?;
+        while let Some(c) = body.chunk().await? {
+            w.write(&c)?;
+        }
+        if let Some(n) = declared_length(req) {
+            if n != w.written() {
+                return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {} bytes, Content-Length said {n}", w.written())));
+            }
+        }
+        store.commit(w, &d)?;
+        store.link_blob(repo.as_str(), &d)?;
+        return Ok(created(repo, &d));
+    }
+    let handle = store.uploads.create(repo.as_str())?;
+    let mut s = handle.lock().await;
+    while let Some(c) = body.chunk().await? {
+        s.append(&c)?;
+    }
+    Ok(upload_headers(Response::new(202), repo, &s.id, s.offset()))
+}
+
+/// `Content-Range: <start>-<end>` (with or without a `bytes ` prefix).
+fn content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim();
+    let v = v.strip_prefix("bytes ").or_else(|| v.strip_prefix("bytes=")).unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+    let uploads = &reg.store.uploads;
+    let handle = uploads.get(id, repo.as_str())?;
+    let mut s = handle.lock().await;
+    uploads.check_owner(&s, repo.as_str())?;
+    if !uploads.exists(id) {
+        return Err(OciError::msg(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or has expired")));
+    }
+    match *req.method {
+        Method::GET | Method::HEAD => Ok(upload_headers(Response::new(204), repo, id, s.offset())),
+        Method::DELETE => {
+            drop(s);
+            uploads.remove(id);
+            Ok(Response::new(204))
+        }
+        Method::PATCH => {
+            if let Some(cr) = req.header("content-range") {
+                let Some((start, end)) = content_range(cr) else {
+                    return Err(OciError::msg(ErrorCode::RangeInvalid, format!("malformed Content-Range {cr:?}")));
+                };
+                if start != s.offset() || end < start {
+                    let e = OciError::msg(
+                        ErrorCode::RangeInvalid,
+                        format!("chunk starts at {start} but the upload has {} bytes; send chunks in order", s.offset()),
+                    );
+                    return Ok(upload_headers(Response::error(&e), repo, id, s.offset()));
+                }
+            }
+            let before = s.offset();
+            while let Some(c) = body.chunk().await? {
+                s.append(&c)?;
+            }
+            if let Some(n) = declared_length(req) {
+                if s.offset() - before != n {
+                    return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {} bytes, Content-Length said {n}", s.offset() - before)));
+                }
+            }
+            Ok(upload_headers(Response::new(202), repo, id, s.offset()))
+        }
+        Method::PUT => {
+            let Some(dg) = req.param("digest") else {
+                return Err(OciError::msg(ErrorCode::DigestInvalid, "PUT to an upload needs ?digest="));
+            };
+            let d = Digest::parse(&dg)?;
+            while let Some(c) = body.chunk().await? {
+                s.append(&c)?;
+            }
+            uploads.commit(&reg.store, &mut s, &d)?;
+            reg.store.link_blob(repo.as_str(), &d)?;
+            Ok(created(repo, &d))
+        }
+        _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+    }
+}

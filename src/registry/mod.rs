@@ -1,0 +1,159 @@
+//! Policy: which repository is hosted and which is mirrored, and what each request does.
+//! Plain async Rust over the store and the upstream client; the pingora layer only adapts
+//! sessions to [`Request`]/[`Response`]. Must not import pingora.
+
+mod hosted;
+mod listing;
+pub mod mirror;
+mod response;
+mod serve;
+
+pub use response::{Body, Response};
+
+use crate::config::{Config, Upstream};
+use crate::oci::route::{self, Endpoint};
+use crate::oci::{ErrorCode, OciError, RepoName};
+use crate::store::Store;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use std::sync::Arc;
+
+/// The request body, read chunk by chunk as it arrives.
+#[async_trait]
+pub trait RequestBody: Send {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, OciError>;
+}
+
+/// A body already in memory (tests, and the in-process callers).
+pub struct BytesBody(pub Option<Bytes>);
+
+#[async_trait]
+impl RequestBody for BytesBody {
+    async fn chunk(&mut self) -> Result<Option<Bytes>, OciError> {
+        Ok(self.0.take().filter(|b| !b.is_empty()))
+    }
+}
+
+pub struct Request<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+impl Request<'_> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn param(&self, key: &str) -> Option<String> {
+        route::query_param(self.query, key)
+    }
+}
+
+/// Where a repository lives.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Hosted(RepoName),
+    Mirror { upstream: Arc<Upstream>, repo: RepoName },
+}
+
+pub struct Registry {
+    pub store: Arc<Store>,
+    pub config: Arc<Config>,
+    pub mirror: Arc<mirror::Mirror>,
+}
+
+/// What the access log and metrics need to know about a handled request.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub route: &'static str,
+    pub repository: Option<String>,
+    pub upstream: Option<String>,
+    pub cache: Option<&'static str>,
+}
+
+impl Registry {
+    pub fn new(config: Arc<Config>, store: Arc<Store>) -> Arc<Registry> {
+        let mirror = mirror::Mirror::new(&config, store.clone());
+        Arc::new(Registry { store, config, mirror })
+    }
+
+    /// Decides where a repository named in a request lives, in the documented order:
+    /// `?ns=`, a registry-host first component, a hosted namespace, the default upstream.
+    pub fn resolve(&self, name: &str, ns: Option<&str>) -> Result<Target, OciError> {
+        let mirror_of = |u: &Arc<Upstream>, repo: &str| -> Result<Target, OciError> {
+            let repo = if u.name == "docker.io" && !repo.contains('/') { format!("library/{repo}") } else { repo.to_string() };
+            Ok(Target::Mirror { upstream: u.clone(), repo: RepoName::parse(&repo)? })
+        };
+        if let Some(ns) = ns {
+            let u = self.mirror.upstream_named(ns).ok_or_else(|| {
+                OciError::msg(ErrorCode::NameUnknown, format!("registry {ns:?} is not mirrored by berth"))
+            })?;
+            return mirror_of(&u, name);
+        }
+        if let Some((first, rest)) = name.split_once('/') {
+            if let Some(u) = self.mirror.upstream_named(first) {
+                return mirror_of(&u, rest);
+            }
+        }
+        let repo = RepoName::parse(name)?;
+        if self.config.namespaces.iter().any(|n| n.matches(repo.as_str())) {
+            return Ok(Target::Hosted(repo));
+        }
+        if let Some(u) = self.mirror.default_upstream() {
+            return mirror_of(&u, name);
+        }
+        Err(OciError::msg(ErrorCode::NameUnknown, format!("repository {name:?} is not in any hosted namespace and no upstream mirrors it")))
+    }
+
+    /// Handles one registry request. Every failure becomes an OCI error response.
+    pub async fn handle(&self, req: &Request<'_>, body: &mut dyn RequestBody, outcome: &mut Outcome) -> Response {
+        match self.dispatch(req, body, outcome).await {
+            Ok(r) => r,
+            Err(e) => Response::error(&e),
+        }
+    }
+
+    async fn dispatch(&self, req: &Request<'_>, body: &mut dyn RequestBody, outcome: &mut Outcome) -> Result<Response, OciError> {
+        let Some(ep) = route::parse(req.path)? else {
+            return Err(OciError::msg(ErrorCode::NameUnknown, format!("no such endpoint {}", req.path)));
+        };
+        outcome.route = ep.label();
+        let m = req.method;
+        match &ep {
+            Endpoint::Base => {
+                return match *m {
+                    Method::GET | Method::HEAD => Ok(Response::new(200).json(b"{}".as_slice().into())),
+                    _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+                }
+            }
+            Endpoint::Catalog => {
+                return match *m {
+                    Method::GET | Method::HEAD => listing::catalog(self, req),
+                    _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
+                }
+            }
+            _ => {}
+        }
+        let name = ep.name().expect("named endpoint");
+        let ns = req.param("ns");
+        match self.resolve(name, ns.as_deref())? {
+            Target::Hosted(repo) => {
+                outcome.repository = Some(repo.to_string());
+                hosted::handle(self, req, &ep, &repo, body).await
+            }
+            Target::Mirror { upstream, repo } => {
+                outcome.repository = Some(format!("{}/{}", upstream.name, repo));
+                outcome.upstream = Some(upstream.name.clone());
+                if !matches!(*m, Method::GET | Method::HEAD) {
+                    return Err(OciError::msg(
+                        ErrorCode::Denied,
+                        format!("{}/{} is a read-only mirror of {}; push to a hosted namespace", upstream.name, repo, upstream.url),
+                    ));
+                }
+                self.mirror.handle(req, &ep, &upstream, &repo, outcome).await
+            }
+        }
+    }
+}
