@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// The configuration `berth serve` runs with when given no file: a Docker Hub mirror plus the
 /// other big public registries.
-pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/embedded.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
