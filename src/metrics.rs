@@ -2,14 +2,15 @@
 //! digest.
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec,
-    IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, TextEncoder,
 };
 use std::sync::LazyLock;
 use std::time::Duration;
 
 pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("berth_http_requests_total", "Requests answered, by method, route and status", &["method", "route", "code"]).unwrap()
+    register_int_counter_vec!("berth_http_requests_total", "Requests answered, by method, route and status", &["method", "route", "code"])
+        .unwrap()
 });
 pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!(
@@ -24,17 +25,16 @@ pub static CACHE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_cache_requests_total", "Mirror lookups by kind and result", &["kind", "result"]).unwrap()
 });
 pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("berth_upstream_requests_total", "Requests sent upstream, by upstream and status", &["upstream", "code"]).unwrap()
+    register_int_counter_vec!("berth_upstream_requests_total", "Requests sent upstream, by upstream and status", &["upstream", "code"])
+        .unwrap()
 });
 pub static UPSTREAM_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     register_histogram_vec!("berth_upstream_request_duration_seconds", "Upstream response time to headers", &["upstream"]).unwrap()
 });
-pub static UPSTREAM_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("berth_upstream_bytes_total", "Body bytes fetched from upstreams", &["upstream"]).unwrap()
-});
-pub static SERVED_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("berth_served_bytes_total", "Body bytes served, by source", &["source"]).unwrap()
-});
+pub static UPSTREAM_BYTES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| register_int_counter_vec!("berth_upstream_bytes_total", "Body bytes fetched from upstreams", &["upstream"]).unwrap());
+pub static SERVED_BYTES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| register_int_counter_vec!("berth_served_bytes_total", "Body bytes served, by source", &["source"]).unwrap());
 pub static FILLS_IN_FLIGHT: LazyLock<IntGauge> =
     LazyLock::new(|| register_int_gauge!("berth_fills_in_flight", "Upstream blob fills in progress").unwrap());
 pub static DIGEST_MISMATCH: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -45,7 +45,12 @@ pub static STORE_BYTES: LazyLock<IntGaugeVec> =
 pub static UPLOADS_IN_PROGRESS: LazyLock<IntGauge> =
     LazyLock::new(|| register_int_gauge!("berth_uploads_in_progress", "Open upload sessions").unwrap());
 pub static RATELIMIT_REMAINING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    register_int_gauge_vec!("berth_upstream_ratelimit_remaining", "Pulls left as the upstream's ratelimit-remaining header says", &["upstream"]).unwrap()
+    register_int_gauge_vec!(
+        "berth_upstream_ratelimit_remaining",
+        "Pulls left as the upstream's ratelimit-remaining header says",
+        &["upstream"]
+    )
+    .unwrap()
 });
 pub static STALE_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_stale_served_total", "Cached tags served while the upstream failed", &["upstream"]).unwrap()

@@ -203,10 +203,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let f: File = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string().trim_end().to_string() })?;
         let listen = f.server.listen.as_deref().map(|s| parse_addr("server.listen", s)).transpose()?;
         let admin_listen = f.server.admin_listen.as_deref().map(|s| parse_addr("server.admin_listen", s)).transpose()?;
         if listen.is_none() {
@@ -237,9 +235,8 @@ impl Config {
             }
             let credentials = match (u.username, u.password_file) {
                 (Some(user), Some(pf)) => {
-                    let pw = std::fs::read_to_string(&pf).map_err(|e| {
-                        invalid(key("password_file"), format!("cannot read {}: {e}", pf.display()))
-                    })?;
+                    let pw = std::fs::read_to_string(&pf)
+                        .map_err(|e| invalid(key("password_file"), format!("cannot read {}: {e}", pf.display())))?;
                     Some((user, Secret(pw.trim_end_matches(['\r', '\n']).to_string())))
                 }
                 (None, None) => None,
@@ -322,9 +319,14 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = Config::parse("[[namespace]]\nprefix = \"Team\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("namespace[0].prefix"), "{e}");
-        let e = Config::parse("[[upstream]]\nname=\"a\"\nurl=\"http://x\"\nusername=\"u\"\npassword_file=\"/nonexistent/pw\"\n", "t").unwrap_err();
+        let e = Config::parse("[[upstream]]\nname=\"a\"\nurl=\"http://x\"\nusername=\"u\"\npassword_file=\"/nonexistent/pw\"\n", "t")
+            .unwrap_err();
         assert!(e.to_string().contains("password_file"), "{e}");
-        let e = Config::parse("[[upstream]]\nname=\"a\"\nurl=\"http://x\"\ndefault=true\n[[upstream]]\nname=\"b\"\nurl=\"http://y\"\ndefault=true\n", "t").unwrap_err();
+        let e = Config::parse(
+            "[[upstream]]\nname=\"a\"\nurl=\"http://x\"\ndefault=true\n[[upstream]]\nname=\"b\"\nurl=\"http://y\"\ndefault=true\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("default"), "{e}");
     }
 

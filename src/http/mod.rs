@@ -65,10 +65,8 @@ impl HttpServerApp for RegistryApp {
         let path = head.uri.path().to_string();
         let query = head.uri.query().map(str::to_string);
         let headers = head.headers.clone();
-        let expect_continue = headers
-            .get(http::header::EXPECT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        let expect_continue =
+            headers.get(http::header::EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers };
         let mut outcome = Outcome::default();
         let resp = {

@@ -83,10 +83,8 @@ impl OciError {
         struct Envelope<'a> {
             errors: [Item<'a>; 1],
         }
-        serde_json::to_vec(&Envelope {
-            errors: [Item { code: self.code.as_str(), message: &self.message, detail: self.detail.as_ref() }],
-        })
-        .expect("error envelope serializes")
+        serde_json::to_vec(&Envelope { errors: [Item { code: self.code.as_str(), message: &self.message, detail: self.detail.as_ref() }] })
+            .expect("error envelope serializes")
     }
 }
 

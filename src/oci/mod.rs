@@ -19,9 +19,7 @@ pub struct RepoName(String);
 
 impl RepoName {
     pub fn parse(s: &str) -> Result<Self, OciError> {
-        let bad = |why: &str| {
-            OciError::msg(ErrorCode::NameInvalid, format!("invalid repository name {s:?}: {why}"))
-        };
+        let bad = |why: &str| OciError::msg(ErrorCode::NameInvalid, format!("invalid repository name {s:?}: {why}"));
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -138,8 +136,8 @@ impl Digest {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             other => {
-                let grammar_ok = !other.is_empty()
-                    && other.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c));
+                let grammar_ok =
+                    !other.is_empty() && other.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+._-".contains(&c));
                 if grammar_ok && !hex.is_empty() {
                     return Err(OciError::msg(
                         ErrorCode::Unsupported,
@@ -219,9 +217,7 @@ impl Reference {
         if s.contains(':') {
             return Digest::parse(s).map(Reference::Digest);
         }
-        Tag::parse(s)
-            .map(Reference::Tag)
-            .ok_or_else(|| OciError::msg(ErrorCode::ManifestInvalid, format!("invalid tag {s:?}")))
+        Tag::parse(s).map(Reference::Tag).ok_or_else(|| OciError::msg(ErrorCode::ManifestInvalid, format!("invalid tag {s:?}")))
     }
 }
 

@@ -9,7 +9,13 @@ use crate::store::ManifestMeta;
 use bytes::{Bytes, BytesMut};
 use http::Method;
 
-pub async fn handle(reg: &Registry, req: &Request<'_>, ep: &Endpoint, repo: &RepoName, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+pub async fn handle(
+    reg: &Registry,
+    req: &Request<'_>,
+    ep: &Endpoint,
+    repo: &RepoName,
+    body: &mut dyn RequestBody,
+) -> Result<Response, OciError> {
     let store = &reg.store;
     let r = repo.as_str();
     let m = req.method;
@@ -74,7 +80,8 @@ fn manifest_unknown(repo: &RepoName, reference: &Reference) -> OciError {
 }
 
 fn blob_unknown(d: &Digest) -> OciError {
-    OciError::msg(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository")).detail(serde_json::json!({"digest": d.to_string()}))
+    OciError::msg(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository"))
+        .detail(serde_json::json!({"digest": d.to_string()}))
 }
 
 fn declared_length(req: &Request<'_>) -> Option<u64> {
@@ -93,7 +100,13 @@ async fn read_limited(body: &mut dyn RequestBody, limit: usize) -> Result<Bytes,
     Ok(buf.freeze())
 }
 
-async fn put_manifest(reg: &Registry, req: &Request<'_>, repo: &RepoName, reference: &Reference, body: &mut dyn RequestBody) -> Result<Response, OciError> {
+async fn put_manifest(
+    reg: &Registry,
+    req: &Request<'_>,
+    repo: &RepoName,
+    reference: &Reference,
+    body: &mut dyn RequestBody,
+) -> Result<Response, OciError> {
     if declared_length(req).is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
         return Err(OciError::msg(ErrorCode::TooLarge, format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
     }
@@ -135,9 +148,8 @@ async fn put_manifest(reg: &Registry, req: &Request<'_>, repo: &RepoName, refere
         Reference::Digest(_) => None,
     };
     store.put_manifest(r, &digest, bytes, meta, tag)?;
-    let mut resp = Response::new(201)
-        .header("Location", format!("/v2/{repo}/manifests/{digest}"))
-        .header("Docker-Content-Digest", digest.to_string());
+    let mut resp =
+        Response::new(201).header("Location", format!("/v2/{repo}/manifests/{digest}")).header("Docker-Content-Digest", digest.to_string());
     if let Some(s) = &info.subject {
         resp = resp.header("OCI-Subject", s.to_string());
     }
@@ -236,7 +248,10 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             }
             if let Some(n) = declared_length(req) {
                 if s.offset() - before != n {
-                    return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {} bytes, Content-Length said {n}", s.offset() - before)));
+                    return Err(OciError::msg(
+                        ErrorCode::SizeInvalid,
+                        format!("received {} bytes, Content-Length said {n}", s.offset() - before),
+                    ));
                 }
             }
             Ok(upload_headers(Response::new(202), repo, id, s.offset()))

@@ -51,10 +51,9 @@ pub fn paged_json(req: &Request<'_>, key: &str, name: Option<&str>, items: &[Str
 }
 
 pub fn tags(reg: &Registry, req: &Request<'_>, repo: &str) -> Result<Response, OciError> {
-    let tags = reg
-        .store
-        .tags(repo)
-        .ok_or_else(|| OciError::msg(ErrorCode::NameUnknown, format!("repository {repo} is not known")).detail(serde_json::json!({"name": repo})))?;
+    let tags = reg.store.tags(repo).ok_or_else(|| {
+        OciError::msg(ErrorCode::NameUnknown, format!("repository {repo} is not known")).detail(serde_json::json!({"name": repo}))
+    })?;
     paged_json(req, "tags", Some(repo), &tags)
 }
 
@@ -69,7 +68,8 @@ pub fn referrers(reg: &Registry, req: &Request<'_>, repo: &str, subject: &Digest
         list.retain(|d| d.artifact_type.as_deref() == Some(t.as_str()));
     }
     let body = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list});
-    let mut r = Response::new(200).header("Content-Type", OCI_INDEX).body(super::Body::Full(serde_json::to_vec(&body).expect("json").into()));
+    let mut r =
+        Response::new(200).header("Content-Type", OCI_INDEX).body(super::Body::Full(serde_json::to_vec(&body).expect("json").into()));
     if filter.is_some() {
         r = r.header("OCI-Filters-Applied", "artifactType");
     }

@@ -26,7 +26,14 @@ impl Mirror {
         self.upstreams.iter().find(|u| u.default).cloned()
     }
 
-    pub async fn handle(&self, _req: &Request<'_>, _ep: &Endpoint, upstream: &Upstream, _repo: &RepoName, _outcome: &mut Outcome) -> Result<Response, OciError> {
+    pub async fn handle(
+        &self,
+        _req: &Request<'_>,
+        _ep: &Endpoint,
+        upstream: &Upstream,
+        _repo: &RepoName,
+        _outcome: &mut Outcome,
+    ) -> Result<Response, OciError> {
         Err(OciError::msg(ErrorCode::UpstreamUnavailable, format!("mirror of {} not available", upstream.name)))
     }
 }

@@ -87,9 +87,10 @@ impl Registry {
             Ok(Target::Mirror { upstream: u.clone(), repo: RepoName::parse(&repo)? })
         };
         if let Some(ns) = ns {
-            let u = self.mirror.upstream_named(ns).ok_or_else(|| {
-                OciError::msg(ErrorCode::NameUnknown, format!("registry {ns:?} is not mirrored by berth"))
-            })?;
+            let u = self
+                .mirror
+                .upstream_named(ns)
+                .ok_or_else(|| OciError::msg(ErrorCode::NameUnknown, format!("registry {ns:?} is not mirrored by berth")))?;
             return mirror_of(&u, name);
         }
         if let Some((first, rest)) = name.split_once('/') {

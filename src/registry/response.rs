@@ -9,9 +9,16 @@ pub enum Body {
     Empty,
     Full(Bytes),
     /// `len` bytes of `file` from `offset`.
-    File { file: File, offset: u64, len: u64 },
+    File {
+        file: File,
+        offset: u64,
+        len: u64,
+    },
     /// Bytes as they arrive (a blob still filling from upstream); `len` is the total.
-    Stream { stream: BoxStream<'static, std::io::Result<Bytes>>, len: Option<u64> },
+    Stream {
+        stream: BoxStream<'static, std::io::Result<Bytes>>,
+        len: Option<u64>,
+    },
 }
 
 impl Body {

@@ -126,11 +126,8 @@ impl Store {
             hash_file(&w.path, expected.algorithm())?
         };
         if &actual != expected {
-            return Err(OciError::msg(
-                ErrorCode::DigestInvalid,
-                format!("content digest {actual} does not match {expected}"),
-            )
-            .detail(serde_json::json!({"expected": expected.to_string(), "actual": actual.to_string()})));
+            return Err(OciError::msg(ErrorCode::DigestInvalid, format!("content digest {actual} does not match {expected}"))
+                .detail(serde_json::json!({"expected": expected.to_string(), "actual": actual.to_string()})));
         }
         w.file.sync_all()?;
         self.publish(&w.path, expected)?;

@@ -126,10 +126,7 @@ impl Uploads {
                 super::hash_file(&data, expected.algorithm())?
             };
             if &actual != expected {
-                return Err(OciError::msg(
-                    ErrorCode::DigestInvalid,
-                    format!("uploaded content has digest {actual}, not {expected}"),
-                ));
+                return Err(OciError::msg(ErrorCode::DigestInvalid, format!("uploaded content has digest {actual}, not {expected}")));
             }
             s.file.sync_all()?;
             if store.blob_size(expected).is_none() {
