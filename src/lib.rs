@@ -13,6 +13,7 @@
 //! `oci` is the pure protocol; `store` never sees pingora; `upstream` never sees the server.
 
 pub mod config;
+pub mod fill;
 pub mod http;
 pub mod metrics;
 pub mod oci;
@@ -20,3 +21,4 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;

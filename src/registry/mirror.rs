@@ -1,21 +1,56 @@
-//! Mirrored repositories: read-only, served from the store, filled from upstream.
+//! Mirrored repositories: read-only. Anything addressed by digest is served from the store
+//! without contacting the upstream; tags are trusted for `tag_ttl`, then revalidated with a
+//! HEAD (which Docker Hub does not count against the pull limit); an outage serves the cached
+//! copy marked stale. Cold blobs go through `fill` (one upstream GET, every client streaming).
+//! Mirrored content lives in the store under `<upstream name>/<repository>`.
 
-use super::{Outcome, Request, Response};
+use super::{serve, Body, Outcome, Request, Response};
 use crate::config::{Config, Upstream};
+use crate::fill::{Fills, Source};
+use crate::metrics;
+use crate::oci::manifest::{self, ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
-use crate::oci::{ErrorCode, OciError, RepoName};
-use crate::store::Store;
+use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::store::{ManifestMeta, Store};
+use crate::upstream::{Client, UpstreamError};
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use http::Method;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
+
+type ManifestFetch = Shared<BoxFuture<'static, Result<(Digest, ManifestMeta, Bytes), OciError>>>;
 
 pub struct Mirror {
     upstreams: Vec<Arc<Upstream>>,
-    #[allow(dead_code)]
+    clients: HashMap<String, Arc<Client>>,
     store: Arc<Store>,
+    pub fills: Arc<Fills>,
+    /// When each cached tag was last confirmed upstream ("<store repo>:<tag>").
+    tag_checked: Mutex<HashMap<String, Instant>>,
+    /// Manifest fetches in flight, shared by concurrent requests.
+    manifest_fetches: Mutex<HashMap<String, ManifestFetch>>,
+}
+
+fn cache_header(r: Response, result: &'static str) -> Response {
+    r.header("X-Berth-Cache", result)
 }
 
 impl Mirror {
     pub fn new(config: &Config, store: Arc<Store>) -> Arc<Mirror> {
-        Arc::new(Mirror { upstreams: config.upstreams.iter().cloned().map(Arc::new).collect(), store })
+        let upstreams: Vec<Arc<Upstream>> = config.upstreams.iter().cloned().map(Arc::new).collect();
+        let clients = upstreams.iter().map(|u| (u.name.clone(), Arc::new(Client::new(u.clone())))).collect();
+        Arc::new(Mirror {
+            upstreams,
+            clients,
+            store,
+            fills: Arc::new(Fills::default()),
+            tag_checked: Mutex::new(HashMap::new()),
+            manifest_fetches: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn upstream_named(&self, host: &str) -> Option<Arc<Upstream>> {
@@ -26,14 +61,390 @@ impl Mirror {
         self.upstreams.iter().find(|u| u.default).cloned()
     }
 
+    fn client(&self, u: &Upstream) -> Arc<Client> {
+        self.clients.get(&u.name).expect("every upstream has a client").clone()
+    }
+
     pub async fn handle(
         &self,
-        _req: &Request<'_>,
-        _ep: &Endpoint,
+        req: &Request<'_>,
+        ep: &Endpoint,
         upstream: &Upstream,
-        _repo: &RepoName,
-        _outcome: &mut Outcome,
+        repo: &RepoName,
+        outcome: &mut Outcome,
     ) -> Result<Response, OciError> {
-        Err(OciError::msg(ErrorCode::UpstreamUnavailable, format!("mirror of {} not available", upstream.name)))
+        let key = format!("{}/{}", upstream.name, repo);
+        match ep {
+            Endpoint::Manifest { reference, .. } => self.manifest(req, upstream, repo, &key, reference, outcome).await,
+            Endpoint::Blob { digest, .. } => self.blob(req, upstream, repo, &key, digest, outcome).await,
+            Endpoint::TagsList { .. } => self.tags(req, upstream, repo, &key).await,
+            Endpoint::Referrers { digest, .. } => self.referrers(upstream, repo, &key, digest).await,
+            Endpoint::UploadStart { .. } | Endpoint::Upload { .. } => {
+                Err(OciError::msg(ErrorCode::Denied, "mirrored repositories are read-only"))
+            }
+            Endpoint::Base | Endpoint::Catalog => unreachable!("unnamed endpoints are answered before routing"),
+        }
     }
+
+    // ---- manifests ----
+
+    async fn manifest(
+        &self,
+        req: &Request<'_>,
+        upstream: &Upstream,
+        repo: &RepoName,
+        key: &str,
+        reference: &Reference,
+        outcome: &mut Outcome,
+    ) -> Result<Response, OciError> {
+        let count = |result: &'static str| metrics::CACHE_REQUESTS.with_label_values(&["manifest", result]).inc();
+        let _ = req;
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(meta) = self.store.manifest_meta(key, d) {
+                    count("hit");
+                    outcome.cache = Some("hit");
+                    return serve::manifest(&self.store, d, &meta).map(|r| cache_header(r, "hit"));
+                }
+                let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
+                count(result);
+                outcome.cache = Some(result);
+                serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result))
+            }
+            Reference::Tag(tag) => {
+                let tag_key = format!("{key}:{tag}");
+                let cached = self.store.tag_digest(key, tag.as_str()).and_then(|d| self.store.manifest_meta(key, &d).map(|m| (d, m)));
+                let Some((cd, cmeta)) = cached else {
+                    let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
+                    self.tag_checked.lock().insert(tag_key, Instant::now());
+                    count(result);
+                    outcome.cache = Some(result);
+                    return serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result));
+                };
+                let fresh = self.tag_checked.lock().get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
+                if fresh {
+                    count("hit");
+                    outcome.cache = Some("hit");
+                    return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
+                }
+                // Revalidate with a HEAD: same digest → still good.
+                let client = self.client(upstream);
+                let path = format!("/v2/{repo}/manifests/{tag}");
+                let head = client.send(Method::HEAD, repo.as_str(), &path, Some(ACCEPT_ALL)).await;
+                let outage = match head {
+                    Ok(r) if r.status().is_success() => {
+                        let same = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) == Some(cd.to_string().as_str());
+                        if same {
+                            self.tag_checked.lock().insert(tag_key, Instant::now());
+                            count("hit");
+                            outcome.cache = Some("hit");
+                            return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
+                        }
+                        None
+                    }
+                    Ok(r) if r.status().as_u16() == 404 => {
+                        // The upstream is authoritative for its tags: a tag it no longer has is gone.
+                        self.store.delete_tag(key, tag.as_str())?;
+                        self.tag_checked.lock().remove(&tag_key);
+                        return Err(OciError::msg(
+                            ErrorCode::ManifestUnknown,
+                            format!("{}/{repo}:{tag} does not exist upstream", upstream.name),
+                        ));
+                    }
+                    Ok(r) => {
+                        let e = UpstreamError::Status(r.status().as_u16(), String::new());
+                        e.is_outage().then_some(e)
+                    }
+                    Err(e) => e.is_outage().then_some(e),
+                };
+                if let Some(e) = outage {
+                    return self.stale(upstream, &cd, &cmeta, &e, outcome);
+                }
+                match self.fetch_manifest(upstream, repo, key, reference).await {
+                    Ok((d, meta, _, result)) => {
+                        self.tag_checked.lock().insert(tag_key, Instant::now());
+                        count(result);
+                        outcome.cache = Some(result);
+                        serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result))
+                    }
+                    Err(e) if e.status() >= 500 || e.status() == 429 => {
+                        self.stale(upstream, &cd, &cmeta, &UpstreamError::Status(e.status(), e.message.clone()), outcome)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn stale(
+        &self,
+        upstream: &Upstream,
+        d: &Digest,
+        meta: &ManifestMeta,
+        e: &UpstreamError,
+        outcome: &mut Outcome,
+    ) -> Result<Response, OciError> {
+        tracing::warn!(upstream = %upstream.name, error = ?e, "upstream failed; serving the cached tag");
+        metrics::CACHE_REQUESTS.with_label_values(&["manifest", "stale"]).inc();
+        metrics::STALE_SERVED.with_label_values(&[upstream.name.as_str()]).inc();
+        outcome.cache = Some("stale");
+        Ok(cache_header(serve::manifest(&self.store, d, meta)?, "stale").header("Warning", "110 berth \"Response is Stale\""))
+    }
+
+    /// Fetches a manifest (coalesced with concurrent fetches of the same reference), verifies
+    /// its digest over the exact bytes and stores it. Returns "miss" or "coalesced".
+    async fn fetch_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        key: &str,
+        reference: &Reference,
+    ) -> Result<(Digest, ManifestMeta, Bytes, &'static str), OciError> {
+        let fkey = format!("{key}@{reference}");
+        let (fut, result) = {
+            let mut map = self.manifest_fetches.lock();
+            match map.get(&fkey) {
+                Some(f) => (f.clone(), "coalesced"),
+                None => {
+                    let f = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone())
+                        .boxed()
+                        .shared();
+                    map.insert(fkey.clone(), f.clone());
+                    (f, "miss")
+                }
+            }
+        };
+        let out = fut.await;
+        if result == "miss" {
+            self.manifest_fetches.lock().remove(&fkey);
+        }
+        out.map(|(d, m, b)| (d, m, b, result))
+    }
+
+    // ---- blobs ----
+
+    async fn blob(
+        &self,
+        req: &Request<'_>,
+        upstream: &Upstream,
+        repo: &RepoName,
+        key: &str,
+        d: &Digest,
+        outcome: &mut Outcome,
+    ) -> Result<Response, OciError> {
+        let count = |result: &'static str| metrics::CACHE_REQUESTS.with_label_values(&["blob", result]).inc();
+        let range = req.header("range");
+        if self.store.blob_linked(key, d) {
+            if let Some(r) = serve::blob(&self.store, d, range)? {
+                count("hit");
+                outcome.cache = Some("hit");
+                if let Some(n) = r.body.len() {
+                    metrics::SERVED_BYTES.with_label_values(&["cache"]).inc_by(n);
+                }
+                return Ok(cache_header(r, "hit"));
+            }
+        }
+        let client = self.client(upstream);
+        let path = format!("/v2/{repo}/blobs/{d}");
+        let blob_unknown = || OciError::msg(ErrorCode::BlobUnknown, format!("blob {d} is not in {}/{repo}", upstream.name));
+        // The bytes may already be here from another repository; the upstream still decides
+        // whether this repository has them (a HEAD costs no download).
+        if self.store.blob_size(d).is_some() || *req.method == Method::HEAD {
+            let r = client.send(Method::HEAD, repo.as_str(), &path, None).await.map_err(|e| e.to_oci(&upstream.name))?;
+            match r.status().as_u16() {
+                200 => {}
+                404 => return Err(blob_unknown()),
+                s => return Err(UpstreamError::Status(s, String::new()).to_oci(&upstream.name)),
+            }
+            if self.store.blob_size(d).is_some() {
+                self.store.link_blob(key, d)?;
+                count("hit");
+                outcome.cache = Some("hit");
+                return serve::blob(&self.store, d, range)?.map(|r| cache_header(r, "hit")).ok_or_else(blob_unknown);
+            }
+            let mut resp = Response::new(200)
+                .header("Docker-Content-Digest", d.to_string())
+                .header("Content-Type", "application/octet-stream")
+                .header("X-Berth-Cache", "miss");
+            resp.content_length = r.content_length();
+            outcome.cache = Some("miss");
+            return Ok(resp);
+        }
+        let d2 = d.clone();
+        let repo2 = repo.clone();
+        let timeout = upstream.timeout;
+        let up_name = upstream.name.clone();
+        let (fill, started) = self.fills.join_or_start(&self.store, key, d, timeout, "blob", move || {
+            async move {
+                let path = format!("/v2/{repo2}/blobs/{d2}");
+                let r = client.send(Method::GET, repo2.as_str(), &path, None).await.map_err(|e| e.to_oci(&up_name))?;
+                match r.status().as_u16() {
+                    200 => {}
+                    404 => return Err(OciError::msg(ErrorCode::BlobUnknown, format!("blob {d2} is not in {up_name}/{repo2}"))),
+                    s => {
+                        let body = r.text().await.unwrap_or_default();
+                        return Err(UpstreamError::Status(s, body).to_oci(&up_name));
+                    }
+                }
+                let total = r.content_length();
+                let label = up_name.clone();
+                let body = r
+                    .bytes_stream()
+                    .map(move |c| {
+                        c.inspect(|b| metrics::UPSTREAM_BYTES.with_label_values(&[label.as_str()]).inc_by(b.len() as u64))
+                            .map_err(|e| OciError::msg(ErrorCode::UpstreamUnavailable, format!("upstream body interrupted: {e}")))
+                    })
+                    .boxed();
+                Ok(Source { total, body })
+            }
+            .boxed()
+        })?;
+        let result = if started { "miss" } else { "coalesced" };
+        count(result);
+        outcome.cache = Some(result);
+        let total = fill.started().await?;
+        let base = Response::new(200)
+            .header("Docker-Content-Digest", d.to_string())
+            .header("Content-Type", "application/octet-stream")
+            .header("X-Berth-Cache", result);
+        let served = |n: u64| metrics::SERVED_BYTES.with_label_values(&["upstream"]).inc_by(n);
+        match total {
+            Some(len) => match serve::parse_range(range, len) {
+                Err(e) => Ok(serve::range_error(e, len)),
+                Ok(None) => {
+                    served(len);
+                    Ok(base.header("Accept-Ranges", "bytes").body(Body::Stream { stream: fill.stream(0, None), len: Some(len) }))
+                }
+                Ok(Some((s, e))) => {
+                    served(e - s + 1);
+                    let mut r = base.header("Content-Range", format!("bytes {s}-{e}/{len}"));
+                    r.status = 206;
+                    Ok(r.body(Body::Stream { stream: fill.stream(s, Some(e + 1)), len: Some(e - s + 1) }))
+                }
+            },
+            None => Ok(base.body(Body::Stream { stream: fill.stream(0, None), len: None })),
+        }
+    }
+
+    // ---- discovery ----
+
+    async fn tags(&self, req: &Request<'_>, upstream: &Upstream, repo: &RepoName, key: &str) -> Result<Response, OciError> {
+        let client = self.client(upstream);
+        let mut path = format!("/v2/{repo}/tags/list");
+        if let Some(q) = req.query.filter(|q| !q.is_empty()) {
+            // Only pagination goes upstream; `ns` is berth's routing.
+            let kept: String = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(url::form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == "n" || k == "last"))
+                .finish();
+            if !kept.is_empty() {
+                path = format!("{path}?{kept}");
+            }
+        }
+        match client.send(Method::GET, repo.as_str(), &path, None).await {
+            Ok(r) if r.status().is_success() => {
+                let body = tokio::time::timeout(upstream.timeout, r.bytes())
+                    .await
+                    .map_err(|_| UpstreamError::Timeout.to_oci(&upstream.name))?
+                    .map_err(|e| UpstreamError::Unreachable(e.to_string()).to_oci(&upstream.name))?;
+                Ok(Response::new(200).json(body))
+            }
+            Ok(r) if r.status().as_u16() == 404 => {
+                Err(OciError::msg(ErrorCode::NameUnknown, format!("{}/{repo} does not exist upstream", upstream.name)))
+            }
+            Ok(r) => self.cached_tags(req, key, UpstreamError::Status(r.status().as_u16(), String::new()), &upstream.name),
+            Err(e) => self.cached_tags(req, key, e, &upstream.name),
+        }
+    }
+
+    /// During an outage, the tags berth has cached are the best answer it has.
+    fn cached_tags(&self, req: &Request<'_>, key: &str, e: UpstreamError, upstream: &str) -> Result<Response, OciError> {
+        match (e.is_outage(), self.store.tags(key)) {
+            (true, Some(tags)) => Ok(super::listing::paged_json(req, "tags", Some(key), &tags)?.header("X-Berth-Cache", "stale")),
+            _ => Err(e.to_oci(upstream)),
+        }
+    }
+
+    async fn referrers(&self, upstream: &Upstream, repo: &RepoName, key: &str, d: &Digest) -> Result<Response, OciError> {
+        let client = self.client(upstream);
+        let path = format!("/v2/{repo}/referrers/{d}");
+        if let Ok(r) = client.send(Method::GET, repo.as_str(), &path, Some(manifest::OCI_INDEX)).await {
+            if r.status().is_success() {
+                if let Ok(Ok(body)) = tokio::time::timeout(upstream.timeout, r.bytes()).await {
+                    return Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(body)));
+                }
+            }
+        }
+        // Upstreams without the referrers API (or unreachable): what berth has cached.
+        let list = self.store.referrers(key, d);
+        let body = serde_json::json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": list});
+        Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(serde_json::to_vec(&body).expect("json").into())))
+    }
+}
+
+async fn fetch_manifest(
+    client: Arc<Client>,
+    store: Arc<Store>,
+    repo: RepoName,
+    key: String,
+    reference: Reference,
+) -> Result<(Digest, ManifestMeta, Bytes), OciError> {
+    let up = client.upstream.name.clone();
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    let r = client.send(Method::GET, repo.as_str(), &path, Some(ACCEPT_ALL)).await.map_err(|e| e.to_oci(&up))?;
+    match r.status().as_u16() {
+        200 => {}
+        404 => return Err(OciError::msg(ErrorCode::ManifestUnknown, format!("{up}/{repo}:{reference} does not exist upstream"))),
+        s => {
+            let body = r.text().await.unwrap_or_default();
+            return Err(UpstreamError::Status(s, body).to_oci(&up));
+        }
+    }
+    if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        return Err(OciError::msg(
+            ErrorCode::UpstreamUnavailable,
+            format!("upstream {up} sent a manifest over {MAX_MANIFEST_BYTES} bytes"),
+        ));
+    }
+    let media_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string());
+    let announced = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|s| Digest::parse(s).ok());
+    let bytes = tokio::time::timeout(client.upstream.timeout, r.bytes())
+        .await
+        .map_err(|_| UpstreamError::Timeout.to_oci(&up))?
+        .map_err(|e| UpstreamError::Unreachable(e.to_string()).to_oci(&up))?;
+    let algo = match &reference {
+        Reference::Digest(d) => d.algorithm(),
+        Reference::Tag(_) => announced.as_ref().map(|d| d.algorithm()).unwrap_or(crate::oci::Algorithm::Sha256),
+    };
+    let actual = Digest::of(algo, &bytes);
+    let expected = match &reference {
+        Reference::Digest(d) => Some(d.clone()),
+        Reference::Tag(_) => announced,
+    };
+    if let Some(exp) = expected {
+        if exp != actual {
+            metrics::DIGEST_MISMATCH.with_label_values(&["manifest"]).inc();
+            return Err(OciError::msg(
+                ErrorCode::UpstreamUnavailable,
+                format!("upstream {up} sent manifest bytes with digest {actual}, expected {exp}; not cached"),
+            ));
+        }
+    }
+    // Upstream content is stored as given even when berth would not accept it on push.
+    let info = manifest::inspect(&bytes, None).ok();
+    let meta = ManifestMeta {
+        media_type: media_type
+            .filter(|m| !m.is_empty() && m != "application/octet-stream")
+            .or_else(|| info.as_ref().map(|i| i.media_type.clone()))
+            .unwrap_or_else(|| manifest::OCI_MANIFEST.to_string()),
+        size: bytes.len() as u64,
+        subject: info.as_ref().and_then(|i| i.subject.as_ref().map(|s| s.to_string())),
+        artifact_type: info.as_ref().and_then(|i| i.effective_artifact_type()),
+        annotations: info.as_ref().and_then(|i| i.annotations.clone()),
+    };
+    let tag = match &reference {
+        Reference::Tag(t) => Some(t.as_str()),
+        Reference::Digest(_) => None,
+    };
+    store.put_manifest(&key, &actual, bytes.clone(), meta.clone(), tag)?;
+    Ok((actual, meta, bytes))
 }

@@ -1,0 +1,337 @@
+//! One upstream fetch per (repository, digest), however many clients ask. The first request
+//! starts a fill task that writes a temp file while hashing and publishes progress on a watch
+//! channel; every request, first or later, streams from that growing file through its own
+//! read handle. The last byte is held back until the digest verifies, so a corrupt fill ends
+//! every client's transfer early instead of completing it. Only a verified file is renamed
+//! into the store. The task outlives the client that started it.
+
+use crate::metrics;
+use crate::oci::{Digest, ErrorCode, OciError};
+use crate::store::Store;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const CHUNK: u64 = 1 << 20;
+
+/// Where a fill's bytes come from: the total length if known, and the body.
+pub struct Source {
+    pub total: Option<u64>,
+    pub body: BoxStream<'static, Result<Bytes, OciError>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Set once the upstream answered with a body (its length may still be unknown).
+    pub started: bool,
+    pub total: Option<u64>,
+    pub written: u64,
+    pub done: Option<Result<(), OciError>>,
+}
+
+pub struct Fill {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+type Key = (String, Digest);
+
+#[derive(Default)]
+pub struct Fills {
+    active: Mutex<HashMap<Key, Arc<Fill>>>,
+}
+
+impl Fills {
+    pub fn in_flight(&self) -> usize {
+        self.active.lock().len()
+    }
+
+    /// Joins the fill of `digest` for `repo`, or starts one with `open` as its source.
+    /// Returns the fill and whether this call started it. After a successful fill the blob is
+    /// in the store and linked into `repo`.
+    pub fn join_or_start(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        repo: &str,
+        digest: &Digest,
+        stall_timeout: Duration,
+        source_label: &'static str,
+        open: impl FnOnce() -> BoxFuture<'static, Result<Source, OciError>>,
+    ) -> Result<(Arc<Fill>, bool), OciError> {
+        let key = (repo.to_string(), digest.clone());
+        let mut active = self.active.lock();
+        if let Some(f) = active.get(&key) {
+            return Ok((f.clone(), false));
+        }
+        let writer = store.writer(digest.algorithm())?;
+        let file = Arc::new(File::open(writer.path())?);
+        let (tx, rx) = watch::channel(Progress::default());
+        let fill = Arc::new(Fill { file, progress: rx });
+        active.insert(key.clone(), fill.clone());
+        drop(active);
+        let fills = self.clone();
+        let store = store.clone();
+        let source = open();
+        metrics::FILLS_IN_FLIGHT.inc();
+        tokio::spawn(async move {
+            let result = run(&store, &key, writer, source, &tx, stall_timeout).await;
+            if let Err(e) = &result {
+                if e.code == ErrorCode::DigestInvalid {
+                    metrics::DIGEST_MISMATCH.with_label_values(&[source_label]).inc();
+                }
+                tracing::warn!(digest = %key.1, error = %e, "fill failed; nothing cached");
+            }
+            // Leave the table before announcing the end: a request that arrives now finds
+            // the blob in the store (or starts a fresh fill after a failure).
+            fills.active.lock().remove(&key);
+            metrics::FILLS_IN_FLIGHT.dec();
+            tx.send_modify(|p| p.done = Some(result));
+        });
+        Ok((fill, true))
+    }
+}
+
+async fn run(
+    store: &Store,
+    key: &Key,
+    mut writer: crate::store::BlobWriter,
+    source: BoxFuture<'static, Result<Source, OciError>>,
+    tx: &watch::Sender<Progress>,
+    stall_timeout: Duration,
+) -> Result<(), OciError> {
+    let Source { total, mut body } = source.await?;
+    tx.send_modify(|p| {
+        p.started = true;
+        p.total = total;
+    });
+    loop {
+        let next = tokio::time::timeout(stall_timeout, body.next())
+            .await
+            .map_err(|_| OciError::msg(ErrorCode::UpstreamTimeout, "upstream stalled mid-blob"))?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk?;
+        if total.is_some_and(|t| writer.written() + chunk.len() as u64 > t) {
+            return Err(OciError::msg(ErrorCode::UpstreamUnavailable, "upstream sent more bytes than it announced"));
+        }
+        writer.write(&chunk)?;
+        let w = writer.written();
+        tx.send_modify(|p| p.written = w);
+    }
+    if let Some(t) = total {
+        if writer.written() != t {
+            return Err(OciError::msg(
+                ErrorCode::UpstreamUnavailable,
+                format!("upstream ended the blob at {} of {t} bytes", writer.written()),
+            ));
+        }
+    }
+    let (repo, digest) = key;
+    store.commit(writer, digest)?;
+    store.link_blob(repo, digest)?;
+    Ok(())
+}
+
+impl Fill {
+    /// Waits for the upstream's answer; returns the total length (None if it sent no length).
+    pub async fn started(&self) -> Result<Option<u64>, OciError> {
+        let mut rx = self.progress.clone();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if let Some(Err(e)) = &p.done {
+                    return Err(e.clone());
+                }
+                if p.started {
+                    return Ok(p.total);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(OciError::msg(ErrorCode::Internal, "fill ended without a result"));
+            }
+        }
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Bytes `[start, end)` (end None: to the end) as they arrive.
+    pub fn stream(self: &Arc<Self>, start: u64, end: Option<u64>) -> BoxStream<'static, std::io::Result<Bytes>> {
+        struct St {
+            fill: Arc<Fill>,
+            rx: watch::Receiver<Progress>,
+            pos: u64,
+            end: Option<u64>,
+            finished: bool,
+        }
+        let st = St { fill: self.clone(), rx: self.progress.clone(), pos: start, end, finished: false };
+        futures::stream::unfold(st, |mut st| async move {
+            if st.finished {
+                return None;
+            }
+            loop {
+                let (limit, verified) = {
+                    let p = st.rx.borrow_and_update();
+                    if let Some(Err(e)) = &p.done {
+                        let err = std::io::Error::other(e.to_string());
+                        drop(p);
+                        st.finished = true;
+                        return Some((Err(err), st));
+                    }
+                    let verified = matches!(p.done, Some(Ok(())));
+                    // Hold back the final byte until the digest verifies.
+                    let avail = if verified { p.written } else { p.written.saturating_sub(1) };
+                    let end = st.end.or(if verified { Some(p.written) } else { None });
+                    (end.map_or(avail, |e| e.min(avail)), (verified, end))
+                };
+                let (verified, end) = verified;
+                if st.pos < limit {
+                    let n = (limit - st.pos).min(CHUNK) as usize;
+                    let f = st.fill.file.clone();
+                    let at = st.pos;
+                    let res = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n];
+                        f.read_exact_at(&mut buf, at).map(|_| Bytes::from(buf))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    match res {
+                        Ok(b) => {
+                            st.pos += b.len() as u64;
+                            return Some((Ok(b), st));
+                        }
+                        Err(e) => {
+                            st.finished = true;
+                            return Some((Err(e), st));
+                        }
+                    }
+                }
+                if end.is_some_and(|e| st.pos >= e) && (verified || st.end.is_some()) {
+                    return None;
+                }
+                if st.rx.changed().await.is_err() {
+                    st.finished = true;
+                    return Some((Err(std::io::Error::other("fill ended without a result")), st));
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    fn source(
+        chunks: Vec<Result<Bytes, OciError>>,
+        total: Option<u64>,
+        gate: Arc<tokio::sync::Semaphore>,
+    ) -> BoxFuture<'static, Result<Source, OciError>> {
+        Box::pin(async move {
+            let body = futures::stream::iter(chunks)
+                .then(move |c| {
+                    let gate = gate.clone();
+                    async move {
+                        gate.acquire().await.unwrap().forget();
+                        c
+                    }
+                })
+                .boxed();
+            Ok(Source { total, body })
+        })
+    }
+
+    async fn collect(s: BoxStream<'static, std::io::Result<Bytes>>) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut s = s;
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn followers_share_one_fill_and_stream_before_it_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let data: Vec<u8> = (0..3 * CHUNK as usize).map(|i| (i % 251) as u8).collect();
+        let d = Digest::of(Algorithm::Sha256, &data);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let chunks: Vec<_> = data.chunks(CHUNK as usize).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let n = chunks.len();
+        let mut opened = 0;
+        let (f1, started1) = fills
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
+                opened += 1;
+                source(chunks, Some(data.len() as u64), gate.clone())
+            })
+            .unwrap();
+        let (f2, started2) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || unreachable!()).unwrap();
+        assert!(started1 && !started2 && opened == 1);
+        let mut s1 = f1.stream(0, None);
+        let r2 = tokio::spawn(collect(f2.stream(0, None)));
+        // First chunk released: the follower gets bytes while the fill is still running.
+        gate.add_permits(1);
+        let first = s1.next().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+        assert!(f1.progress().done.is_none());
+        for _ in 1..n {
+            gate.add_permits(1);
+        }
+        let mut rest = first.to_vec();
+        rest.extend(collect(s1).await.unwrap());
+        assert_eq!(rest, data);
+        assert_eq!(r2.await.unwrap().unwrap(), data);
+        assert!(store.blob_linked("m/r", &d));
+        assert_eq!(fills.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_bytes_are_never_cached_and_readers_see_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let d = Digest::sha256_of(b"right");
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (f, _) = fills
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
+                source(vec![Ok(Bytes::from_static(b"wrong"))], Some(5), gate.clone())
+            })
+            .unwrap();
+        gate.add_permits(1);
+        let got = collect(f.stream(0, None)).await;
+        assert!(got.is_err());
+        assert!(store.blob_size(&d).is_none());
+        assert!(!store.blob_linked("m/r", &d));
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ranges_of_a_filling_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let data = b"0123456789".to_vec();
+        let d = Digest::sha256_of(&data);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (f, _) = fills
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
+                source(vec![Ok(Bytes::from_static(b"01234")), Ok(Bytes::from_static(b"56789"))], Some(10), gate.clone())
+            })
+            .unwrap();
+        let r = tokio::spawn(collect(f.stream(2, Some(7))));
+        gate.add_permits(1);
+        gate.add_permits(1);
+        assert_eq!(r.await.unwrap().unwrap(), b"23456");
+    }
+}
