@@ -1,6 +1,12 @@
 //! Shared harness: runs the real `berth` binary on loopback with a generated config and ports.
 #![allow(dead_code)]
 
+pub mod cmd;
+pub mod distribution;
+pub mod dockerd;
+pub mod fake;
+pub mod oci_layout;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -41,10 +47,17 @@ impl Berth {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Berth {
+        Self::start_in_with_server(dir, "", extra)
+    }
+
+    /// As `start_in`, with `server_extra` added to `[server]` (TLS keys, a longer
+    /// `grace_period`, which then replaces the short default the tests use).
+    pub fn start_in_with_server(dir: tempfile::TempDir, server_extra: &str, extra: &str) -> Berth {
         let port = free_port();
         let admin_port = free_port();
+        let grace = if server_extra.contains("grace_period") { "" } else { "grace_period = \"1s\"\n" };
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ngrace_period = \"1s\"\n\n[storage]\nroot = \"{}\"\n\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n\n{extra}\n",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("berth.toml");

@@ -1,0 +1,336 @@
+//! The pull-through mirror against a hand-written fake upstream that counts requests and
+//! injects faults.
+
+mod common;
+
+use common::fake::{Fake, Fault};
+use common::Berth;
+use reqwest::blocking::Client;
+use std::io::Read;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+fn mirror_config(fake: &Fake, extra_upstream: &str) -> String {
+    format!(
+        "[[namespace]]\nprefix = \"team\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\naliases = [\"index.docker.io\"]\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n{extra_upstream}\n",
+        fake.url()
+    )
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+fn oci_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["errors"][0]["code"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn pulls_through_and_serves_digests_from_the_store() {
+    let fake = Fake::start();
+    let layer = vec![7u8; 300_000];
+    let (md, mbytes, ld) = fake.add_image("library/app", "v1", &layer);
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+
+    // Default upstream; a one-component name gets `library/`.
+    let r = c.get(format!("{}/v2/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+    assert_eq!(r.headers()["content-type"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(r.headers()["x-berth-cache"], "miss");
+    assert_eq!(r.bytes().unwrap().as_ref(), mbytes.as_slice(), "manifest bytes are served exactly as the upstream sent them");
+
+    // The same repository through the path-prefix form, ?ns= (containerd) and an alias.
+    for url in [
+        format!("{}/v2/docker.io/library/app/manifests/v1", b.url()),
+        format!("{}/v2/library/app/manifests/v1?ns=docker.io", b.url()),
+        format!("{}/v2/index.docker.io/library/app/manifests/{md}", b.url()),
+    ] {
+        let r = c.get(&url).send().unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        assert_eq!(r.headers()["x-berth-cache"], "hit", "{url}");
+    }
+    assert_eq!(fake.count("GET manifest"), 1);
+
+    // HEAD carries digest, type and length (containerd resolves with HEAD).
+    let r = c.head(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+    assert_eq!(r.headers()["content-length"], mbytes.len().to_string().as_str());
+    assert!(r.headers().contains_key("content-type"));
+
+    // Blob: one upstream GET, then from the store.
+    for expect in ["miss", "hit"] {
+        let r = c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-berth-cache"], expect);
+        assert_eq!(common::digest(&r.bytes().unwrap()), ld);
+    }
+    assert_eq!(fake.count("GET blob"), 1);
+
+    // Range on a cached mirrored blob.
+    let r = c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).header("Range", "bytes=10-19").send().unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap().as_ref(), &layer[10..20]);
+
+    // Everything addressed by digest is served with the upstream gone.
+    let mut fake = fake;
+    fake.stop();
+    let r = c.get(format!("{}/v2/library/app/manifests/{md}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The catalog lists what is cached, under the upstream's name.
+    let v: serde_json::Value = c.get(format!("{}/v2/_catalog", b.url())).send().unwrap().json().unwrap();
+    assert!(v["repositories"].as_array().unwrap().iter().any(|r| r == "docker.io/library/app"), "{v}");
+}
+
+#[test]
+fn mirrors_are_read_only_and_unknown_registries_are_named() {
+    let fake = Fake::start();
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+    for (method, path) in [
+        ("POST", "/v2/library/app/blobs/uploads/"),
+        ("PUT", "/v2/docker.io/library/app/manifests/v1"),
+        ("DELETE", "/v2/library/app/manifests/v1"),
+    ] {
+        let r = c.request(method.parse().unwrap(), format!("{}{path}", b.url())).body("{}").send().unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+        assert_eq!(oci_code(&r.bytes().unwrap()), "DENIED");
+    }
+    let r = c.get(format!("{}/v2/library/app/manifests/v1?ns=quay.io", b.url())).send().unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.bytes().unwrap();
+    assert_eq!(oci_code(&body), "NAME_UNKNOWN");
+    assert!(String::from_utf8_lossy(&body).contains("quay.io"));
+    assert_eq!(fake.count("POST blob") + fake.count("PUT manifest") + fake.count("DELETE manifest"), 0);
+    // A missing tag upstream is a 404, not an outage.
+    let r = c.get(format!("{}/v2/library/app/manifests/nope", b.url())).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(oci_code(&r.bytes().unwrap()), "MANIFEST_UNKNOWN");
+}
+
+#[test]
+fn bearer_tokens_are_fetched_once_and_reused() {
+    let fake = Fake::start();
+    fake.state.lock().unwrap().require_token = true;
+    let (_, _, ld) = fake.add_image("library/app", "v1", b"layer-bytes");
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+    let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().as_ref(), b"layer-bytes");
+    assert_eq!(fake.count("GET token"), 1, "one token for the repository scope, reused");
+}
+
+#[test]
+fn herd_of_64_on_a_cold_blob_makes_one_upstream_get_and_everyone_streams_early() {
+    let fake = Fake::start();
+    let size = 64 << 20;
+    let blob: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    let d = fake.add_blob(&blob);
+    fake.add_manifest("library/big", Some("v1"), "application/vnd.oci.image.manifest.v1+json", b"{}");
+    // Slow enough that the fill outlasts every client's first byte.
+    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(40));
+    let b = Arc::new(Berth::start(&mirror_config(&fake, "")));
+    let n = 64;
+    let barrier = Arc::new(Barrier::new(n));
+    let url = format!("{}/v2/library/big/blobs/{d}", b.url());
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (barrier, url) = (barrier.clone(), url.clone());
+            std::thread::spawn(move || {
+                let c = client();
+                barrier.wait();
+                let mut r = c.get(&url).send().unwrap();
+                assert_eq!(r.status(), 200);
+                let mut first = [0u8; 1];
+                r.read_exact(&mut first).unwrap();
+                let first_at = Instant::now();
+                let mut rest = Vec::with_capacity(64 << 20);
+                r.read_to_end(&mut rest).unwrap();
+                let mut all = vec![first[0]];
+                all.extend(rest);
+                (first_at, common::digest(&all))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(fake.count("GET blob"), 1, "exactly one upstream GET for {n} clients");
+    let done = fake.state.lock().unwrap().blob_done_at.clone();
+    assert_eq!(done.len(), 1);
+    for (first_at, digest) in &results {
+        assert_eq!(digest, &d);
+        assert!(*first_at < done[0], "every client's first byte arrives before the upstream finished sending");
+    }
+    let r = client().get(&url).send().unwrap();
+    assert_eq!(r.headers()["x-berth-cache"], "hit");
+}
+
+#[test]
+fn fill_continues_when_the_first_client_disconnects() {
+    let fake = Fake::start();
+    let blob: Vec<u8> = (0..(8 << 20)).map(|i| (i % 13) as u8).collect();
+    let d = fake.add_blob(&blob);
+    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(30));
+    let b = Berth::start(&mirror_config(&fake, ""));
+    {
+        let mut r = client().get(format!("{}/v2/library/x/blobs/{d}", b.url())).send().unwrap();
+        let mut first = [0u8; 10];
+        r.read_exact(&mut first).unwrap();
+        // Dropped here: the client goes away mid-transfer.
+    }
+    for _ in 0..200 {
+        if !fake.state.lock().unwrap().blob_done_at.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let r = client().get(format!("{}/v2/library/x/blobs/{d}", b.url())).send().unwrap();
+    assert_eq!(r.headers()["x-berth-cache"], "hit");
+    assert_eq!(common::digest(&r.bytes().unwrap()), d);
+    assert_eq!(fake.count("GET blob"), 1);
+}
+
+#[test]
+fn stale_tags_are_served_during_an_outage_and_revalidate_after() {
+    let mut fake = Fake::start();
+    let (md1, _, _) = fake.add_image("library/app", "v1", b"one");
+    fake.add_image("library/app", "other", b"other");
+    let b = Berth::start(&mirror_config(&fake, "tag_ttl = \"100ms\""));
+    let c = client();
+    let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Within the TTL: no upstream contact at all.
+    let heads = fake.count("HEAD manifest");
+    fake.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200, "cached tag still pulls with the upstream down");
+    assert_eq!(r.headers()["x-berth-cache"], "stale");
+    assert_eq!(r.headers()["docker-content-digest"], md1.as_str());
+    // An uncached tag is an outage (5xx naming the upstream), never a 404.
+    let r = c.get(format!("{}/v2/library/app/manifests/other", b.url())).send().unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("docker.io"));
+
+    // Back up with v1 moved: the tag revalidates (HEAD) and berth fetches the new manifest.
+    let (md2, _, _) = fake.add_image("library/app", "v1", b"two");
+    fake.resume();
+    let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], md2.as_str());
+    assert!(fake.count("HEAD manifest") > heads);
+
+    // Unchanged after the TTL: a HEAD confirms it, no GET.
+    std::thread::sleep(Duration::from_millis(200));
+    let gets = fake.count("GET manifest");
+    let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+    assert_eq!(r.headers()["x-berth-cache"], "hit");
+    assert_eq!(fake.count("GET manifest"), gets);
+
+    // Upstream answering 503 or 429 also serves the cached copy.
+    for s in [503, 429] {
+        std::thread::sleep(Duration::from_millis(200));
+        fake.set_fault(Fault::Status(s));
+        let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
+        assert_eq!(r.status(), 200, "upstream {s}");
+        assert_eq!(r.headers()["x-berth-cache"], "stale");
+    }
+    let metrics = c.get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
+    assert!(metrics.contains("berth_cache_requests_total{kind=\"manifest\",result=\"stale\"} 3"), "{metrics}");
+}
+
+#[test]
+fn nothing_cached_and_upstream_down_is_a_5xx() {
+    let mut fake = Fake::start();
+    let b = Berth::start(&mirror_config(&fake, ""));
+    fake.stop();
+    let c = client();
+    let d = common::digest(b"whatever");
+    for path in ["/v2/library/app/manifests/latest".to_string(), format!("/v2/library/app/blobs/{d}")] {
+        let r = c.get(format!("{}{path}", b.url())).send().unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+        let body = r.bytes().unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("docker.io"), "the error names the upstream");
+    }
+    fake.resume();
+    fake.set_fault(Fault::Status(500));
+    let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+    assert_eq!(r.status(), 502);
+}
+
+fn assert_not_cached(b: &Berth, d: &str) {
+    let hex = d.strip_prefix("sha256:").unwrap();
+    assert!(!b.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "corrupt blob was cached");
+    let tmp = std::fs::read_dir(b.data_dir().join("tmp")).unwrap().count();
+    assert_eq!(tmp, 0, "no temp file survives a failed fill");
+}
+
+#[test]
+fn blob_faults_never_cache_or_complete() {
+    let fake = Fake::start();
+    let blob: Vec<u8> = (0..(3 << 20)).map(|i| (i % 7) as u8).collect();
+    let d = fake.add_blob(&blob);
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let url = format!("{}/v2/library/f/blobs/{d}", b.url());
+    for fault in [Fault::WrongBytes, Fault::ResetMidBlob, Fault::StallMidBlob] {
+        fake.set_fault(fault.clone());
+        let before = fake.count("GET blob");
+        let result = client().get(&url).send().and_then(|r| r.bytes());
+        match result {
+            Ok(body) => assert_ne!(common::digest(&body), d, "{fault:?}: a faulty transfer must not complete with the right bytes"),
+            Err(_) => {} // aborted transfer: what the client must see
+        }
+        assert_eq!(fake.count("GET blob"), before + 1);
+        // Give the fill task time to notice and clean up.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_not_cached(&b, &d);
+    }
+    let metrics = client().get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
+    assert!(metrics.contains("berth_digest_mismatch_total{source=\"blob\"} 1"), "{metrics}");
+    // Healthy again: the next request fetches afresh and caches.
+    fake.set_fault(Fault::None);
+    let r = client().get(&url).send().unwrap();
+    assert_eq!(common::digest(&r.bytes().unwrap()), d);
+    let r = client().get(&url).send().unwrap();
+    assert_eq!(r.headers()["x-berth-cache"], "hit");
+}
+
+#[test]
+fn manifest_with_wrong_digest_is_refused_and_not_cached() {
+    let fake = Fake::start();
+    let good = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+    let d = common::digest(good);
+    // The upstream serves other bytes under this digest.
+    fake.state.lock().unwrap().manifests.insert(
+        ("library/m".into(), d.clone()),
+        ("application/vnd.oci.image.manifest.v1+json".into(), bytes::Bytes::from_static(b"{\"tampered\":true}")),
+    );
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let r = client().get(format!("{}/v2/library/m/manifests/{d}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 502);
+    let r = client().get(format!("{}/v2/library/m/manifests/{d}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 502, "still not cached");
+    assert_eq!(fake.count("GET manifest"), 2);
+    let metrics = client().get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
+    assert!(metrics.contains("berth_digest_mismatch_total{source=\"manifest\"} 2"), "{metrics}");
+}
+
+#[test]
+fn tags_list_passes_through() {
+    let fake = Fake::start();
+    fake.add_image("library/app", "a", b"1");
+    fake.add_image("library/app", "b", b"2");
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let v: serde_json::Value = client().get(format!("{}/v2/library/app/tags/list", b.url())).send().unwrap().json().unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
+}
