@@ -1,6 +1,7 @@
 //! Configuration: the TOML file shape (unknown keys are errors naming the key) kept apart from
 //! the validated runtime type the rest of berth uses.
 
+use crate::auth::{Principal, Rules};
 use crate::oci::RepoName;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ struct File {
     namespace: Vec<NamespaceFile>,
     #[serde(default)]
     upstream: Vec<UpstreamFile>,
+    auth: Option<AuthFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,9 @@ struct ServerFile {
     #[serde(with = "humantime_serde")]
     grace_period: Duration,
     threads: Option<usize>,
+    tls_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerFile {
@@ -59,6 +64,9 @@ impl Default for ServerFile {
             admin_listen: Some("127.0.0.1:9100".into()),
             grace_period: Duration::from_secs(10),
             threads: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -67,11 +75,24 @@ impl Default for ServerFile {
 #[serde(deny_unknown_fields, default)]
 struct StorageFile {
     root: PathBuf,
+    max_cache_bytes: Option<bytesize::ByteSize>,
+    #[serde(with = "humantime_serde")]
+    upload_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    gc_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    gc_grace: Duration,
 }
 
 impl Default for StorageFile {
     fn default() -> Self {
-        StorageFile { root: PathBuf::from("./berth-data") }
+        StorageFile {
+            root: PathBuf::from("./berth-data"),
+            max_cache_bytes: None,
+            upload_ttl: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -94,6 +115,43 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 struct NamespaceFile {
     prefix: String,
+    keep_tags: Option<usize>,
+    #[serde(default)]
+    keep_patterns: Vec<String>,
+    #[serde(default)]
+    immutable_tags: Vec<String>,
+    quota_bytes: Option<bytesize::ByteSize>,
+    pull: Option<Vec<String>>,
+    push: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    htpasswd: PathBuf,
+    token_key: Option<PathBuf>,
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    token_ttl: Duration,
+    #[serde(default = "default_service")]
+    service: String,
+    realm: Option<String>,
+    #[serde(default = "default_max_failures")]
+    max_failures: u32,
+    #[serde(default = "default_failure_window", with = "humantime_serde")]
+    failure_window: Duration,
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_service() -> String {
+    "berth".into()
+}
+fn default_max_failures() -> u32 {
+    10
+}
+fn default_failure_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +171,7 @@ struct UpstreamFile {
     timeout: Duration,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    pull: Option<Vec<String>>,
 }
 
 fn default_tag_ttl() -> Duration {
@@ -150,18 +209,61 @@ impl std::fmt::Debug for Secret {
 pub struct Config {
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    pub tls: Option<TlsListener>,
     pub grace_period: Duration,
     pub threads: usize,
     pub storage_root: PathBuf,
+    pub storage: StorageLimits,
     pub log_format: LogFormat,
     pub log_level: String,
     pub namespaces: Vec<Namespace>,
     pub upstreams: Vec<Upstream>,
+    /// `None`: no access control, as registry:2 without auth.
+    pub auth: Option<AuthConfig>,
+}
+
+/// `[auth]`, with the htpasswd file read and every namespace's and upstream's rules resolved.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub htpasswd: PathBuf,
+    pub users: std::sync::Arc<crate::auth::Htpasswd>,
+    /// A PKCS#8 PEM P-256 key, checked at load; `None`: generated under `storage.root`.
+    pub token_key: Option<PathBuf>,
+    pub token_ttl: Duration,
+    /// The token audience and the `service` of challenges.
+    pub service: String,
+    /// The token endpoint announced in challenges; `None`: `<scheme>://<Host>/token`.
+    pub realm: Option<String>,
+    pub max_failures: u32,
+    pub failure_window: Duration,
+    pub policy: crate::auth::Policy,
+}
+
+/// The HTTPS listener (h2 and http/1.1). The identity was read and checked at load.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub identity: crate::tls::Identity,
+}
+
+/// Lifecycle settings of the store.
+#[derive(Debug, Clone)]
+pub struct StorageLimits {
+    /// Bound on mirrored content; hosted content never counts against it.
+    pub max_cache_bytes: Option<u64>,
+    pub upload_ttl: Duration,
+    pub gc_interval: Duration,
+    /// Unreferenced hosted blobs younger than this survive GC: a push in progress has
+    /// uploaded its layers but not yet its manifest.
+    pub gc_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Namespace {
     pub prefix: String,
+    pub policy: crate::store::policy::Policy,
 }
 
 impl Namespace {
@@ -188,6 +290,38 @@ impl Upstream {
     }
 }
 
+fn auth_config(a: AuthFile, users: crate::auth::Htpasswd, policy: crate::auth::Policy) -> Result<AuthConfig, ConfigError> {
+    if let Some(k) = &a.token_key {
+        crate::auth::token::TokenKey::load(k).map_err(|e| invalid("auth.token_key", e))?;
+    }
+    if let Some(r) = &a.realm {
+        let u = url::Url::parse(r).map_err(|e| invalid("auth.realm", format!("{r:?}: {e}")))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(invalid("auth.realm", format!("{r:?} must be an http(s) URL")));
+        }
+    }
+    if a.service.is_empty() || a.service.contains('"') {
+        return Err(invalid("auth.service", "must be a non-empty name without quotes"));
+    }
+    if a.token_ttl < Duration::from_secs(10) {
+        return Err(invalid("auth.token_ttl", "must be at least 10s"));
+    }
+    if a.max_failures == 0 || a.failure_window.is_zero() {
+        return Err(invalid("auth.max_failures", "max_failures and failure_window must be positive"));
+    }
+    Ok(AuthConfig {
+        htpasswd: a.htpasswd,
+        users: std::sync::Arc::new(users),
+        token_key: a.token_key,
+        token_ttl: a.token_ttl,
+        service: a.service,
+        realm: a.realm,
+        max_failures: a.max_failures,
+        failure_window: a.failure_window,
+        policy,
+    })
+}
+
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|_| invalid(key, format!("{s:?} is not an address like 127.0.0.1:5000")))
 }
@@ -205,15 +339,58 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let f: File = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { origin: origin.to_string(), message: e.to_string().trim_end().to_string() })?;
-        let listen = f.server.listen.as_deref().map(|s| parse_addr("server.listen", s)).transpose()?;
-        let admin_listen = f.server.admin_listen.as_deref().map(|s| parse_addr("server.admin_listen", s)).transpose()?;
-        if listen.is_none() {
-            return Err(invalid("server.listen", "a listener is required"));
+        // An empty address turns a listener off (the plain one, when TLS is on).
+        let addr = |key: &str, v: Option<&str>| v.filter(|s| !s.is_empty()).map(|s| parse_addr(key, s)).transpose();
+        let listen = addr("server.listen", f.server.listen.as_deref())?;
+        let admin_listen = addr("server.admin_listen", f.server.admin_listen.as_deref())?;
+        let tls = match (addr("server.tls_listen", f.server.tls_listen.as_deref())?, f.server.tls_cert, f.server.tls_key) {
+            (Some(listen), Some(cert), Some(key)) => {
+                let identity = crate::tls::load_identity(&cert, &key).map_err(|(file, message)| {
+                    let key_name = if Path::new(&file) == cert { "server.tls_cert" } else { "server.tls_key" };
+                    invalid(key_name, format!("{file}: {message}"))
+                })?;
+                Some(TlsListener { listen, cert, key, identity })
+            }
+            (None, None, None) => None,
+            (Some(_), _, _) => return Err(invalid("server.tls_listen", "needs both tls_cert and tls_key")),
+            (None, _, _) => return Err(invalid("server.tls_listen", "tls_cert and tls_key need a tls_listen address")),
+        };
+        if listen.is_none() && tls.is_none() {
+            return Err(invalid("server.listen", "a listener is required (listen or tls_listen)"));
         }
+        let users = match &f.auth {
+            Some(a) => Some(crate::auth::Htpasswd::load(&a.htpasswd).map_err(|e| invalid("auth.htpasswd", e.to_string()))?),
+            None => None,
+        };
+        // A pull/push list without [auth] would look like protection while everything is open.
+        let principals = |key: String, list: &Option<Vec<String>>| -> Result<Option<Vec<Principal>>, ConfigError> {
+            let Some(list) = list else { return Ok(None) };
+            let Some(users) = &users else {
+                return Err(invalid(key, "needs an [auth] section: without one every repository is open to everyone"));
+            };
+            let mut out = Vec::new();
+            for name in list {
+                let p = Principal::parse(name);
+                if let Principal::User(u) = &p {
+                    if !users.contains(u) {
+                        return Err(invalid(key, format!("user {u:?} is not in the htpasswd file (or use \"anonymous\" or \"authenticated\")")));
+                    }
+                }
+                out.push(p);
+            }
+            Ok(Some(out))
+        };
+        let mut policy = crate::auth::Policy::default();
         let mut namespaces = Vec::new();
         for (i, n) in f.namespace.iter().enumerate() {
             RepoName::parse(&n.prefix).map_err(|e| invalid(format!("namespace[{i}].prefix"), e.message))?;
-            namespaces.push(Namespace { prefix: n.prefix.clone() });
+            let pull = principals(format!("namespace[{i}].pull"), &n.pull)?;
+            let push = principals(format!("namespace[{i}].push"), &n.push)?;
+            let default = Rules::hosted_default();
+            policy.add_namespace(&n.prefix, Rules { pull: pull.unwrap_or(default.pull), push: push.unwrap_or(default.push) });
+            let policy = crate::store::policy::Policy::new(n.keep_tags, &n.keep_patterns, &n.immutable_tags, n.quota_bytes.map(|b| b.as_u64()))
+                .map_err(|e| invalid(format!("namespace[{i}]"), e))?;
+            namespaces.push(Namespace { prefix: n.prefix.clone(), policy });
         }
         let mut upstreams: Vec<Upstream> = Vec::new();
         for (i, u) in f.upstream.into_iter().enumerate() {
@@ -233,6 +410,8 @@ impl Config {
             if u.default && upstreams.iter().any(|o| o.default) {
                 return Err(invalid(key("default"), "only one upstream can be the default"));
             }
+            let pull = principals(key("pull"), &u.pull)?;
+            policy.add_upstream(&u.name, pull.unwrap_or_else(|| Rules::mirror_default().pull));
             let credentials = match (u.username, u.password_file) {
                 (Some(user), Some(pf)) => {
                     let pw = std::fs::read_to_string(&pf)
@@ -263,17 +442,35 @@ impl Config {
         if threads == 0 {
             return Err(invalid("server.threads", "must be at least 1"));
         }
+        let auth = match (f.auth, users) {
+            (Some(a), Some(users)) => Some(auth_config(a, users, policy)?),
+            _ => None,
+        };
         Ok(Config {
             listen,
             admin_listen,
+            tls,
             grace_period: f.server.grace_period,
             threads,
+            storage: StorageLimits {
+                max_cache_bytes: f.storage.max_cache_bytes.map(|b| b.as_u64()),
+                upload_ttl: f.storage.upload_ttl,
+                gc_interval: f.storage.gc_interval,
+                gc_grace: f.storage.gc_grace,
+            },
             storage_root: f.storage.root,
             log_format: f.log.format,
             log_level: f.log.level.unwrap_or_else(|| "info".to_string()),
             namespaces,
             upstreams,
+            auth,
         })
+    }
+
+    /// Serving without `[auth]` on an address other machines can reach: worth a warning.
+    pub fn open_beyond_loopback(&self) -> bool {
+        let exposed = self.listen.iter().chain(self.tls.as_ref().map(|t| &t.listen)).any(|a| !a.ip().is_loopback());
+        self.auth.is_none() && exposed
     }
 
     /// Checks what only the machine can tell: the storage root can be created and written.
@@ -335,6 +532,45 @@ mod tests {
         let c = Config::parse("[[namespace]]\nprefix = \"team\"\n", "t").unwrap();
         assert!(c.upstreams.is_empty());
         assert!(c.namespaces[0].matches("team") && c.namespaces[0].matches("team/app") && !c.namespaces[0].matches("teamx"));
+    }
+
+    #[test]
+    fn auth_rules_resolve_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let ht = dir.path().join("htpasswd");
+        std::fs::write(&ht, format!("ci:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+        let text = format!(
+            "[auth]\nhtpasswd = \"{}\"\n[[namespace]]\nprefix = \"team\"\npull = [\"anonymous\"]\npush = [\"ci\"]\n\
+             [[namespace]]\nprefix = \"dev\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\n\
+             [[upstream]]\nname = \"b.io\"\nurl = \"http://y\"\npull = [\"authenticated\"]\n",
+            ht.display()
+        );
+        let c = Config::parse(&text, "t").unwrap();
+        let a = c.auth.as_ref().unwrap();
+        assert_eq!((a.service.as_str(), a.token_ttl, a.max_failures), ("berth", Duration::from_secs(300), 10));
+        use crate::auth::Action::{Pull, Push};
+        assert!(a.policy.hosted("team/app").allows(None, Pull) && a.policy.hosted("team/app").allows(Some("ci"), Push));
+        assert!(!a.policy.hosted("team/app").allows(Some("other"), Push));
+        assert!(!a.policy.hosted("dev/x").allows(None, Pull) && a.policy.hosted("dev/x").allows(Some("ci"), Push));
+        assert!(a.policy.mirror("a.io").allows(None, Pull) && !a.policy.mirror("a.io").allows(Some("ci"), Push));
+        assert!(!a.policy.mirror("b.io").allows(None, Pull));
+        assert!(!c.open_beyond_loopback());
+
+        let e = Config::parse(&text.replace("[\"ci\"]", "[\"cj\"]"), "t").unwrap_err();
+        assert!(e.to_string().contains("namespace[0].push") && e.to_string().contains("cj"), "{e}");
+        let e = Config::parse(&text.replace("[auth]\n", "[auth]\nbogus = 1\n"), "t").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::parse(&text.replace("[auth]\n", "[auth]\ntoken_key = \"/nonexistent/key.pem\"\n"), "t").unwrap_err();
+        assert!(e.to_string().contains("auth.token_key"), "{e}");
+    }
+
+    #[test]
+    fn rules_need_auth_and_open_listeners_are_flagged() {
+        let e = Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\npull = [\"anonymous\"]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("upstream[0].pull") && e.to_string().contains("[auth]"), "{e}");
+        let c = Config::parse("[server]\nlisten = \"0.0.0.0:5000\"\n", "t").unwrap();
+        assert!(c.open_beyond_loopback());
+        assert!(!Config::parse("[server]\nlisten = \"127.0.0.1:5000\"\n", "t").unwrap().open_beyond_loopback());
     }
 
     #[test]

@@ -4,10 +4,16 @@
 //! final name. Disk is the truth; the in-memory index is rebuilt from it at open.
 //! Never imports pingora or the upstream client: the registry and the mirror share it.
 
+mod cache;
+pub mod fsck;
+pub mod gc;
 mod index;
+pub mod policy;
 pub mod upload;
+mod usage;
 
 pub use index::{ManifestMeta, RepoIndex};
+pub use usage::Usage;
 
 use crate::oci::{Algorithm, Digest, ErrorCode, Hasher, OciError};
 use bytes::Bytes;
@@ -24,6 +30,11 @@ pub struct Store {
     /// Manifest bodies are small and hot; keep them in memory, bounded by bytes.
     manifest_bytes: moka::sync::Cache<Digest, Bytes>,
     pub uploads: upload::Uploads,
+    lru: cache::Lru,
+    cache_roots: RwLock<Vec<String>>,
+    /// Manifest PUTs hold it shared, GC exclusively: a blob a new manifest references is
+    /// never swept between the PUT's check and its write.
+    pub(crate) gc_lock: tokio::sync::RwLock<()>,
 }
 
 /// A blob being written: temp file plus running hash.
@@ -80,6 +91,9 @@ impl Store {
                 .max_capacity(64 * 1024 * 1024)
                 .build(),
             uploads: upload::Uploads::new(root.join("uploads")),
+            lru: cache::Lru::default(),
+            cache_roots: RwLock::new(Vec::new()),
+            gc_lock: tokio::sync::RwLock::new(()),
         };
         Ok(Arc::new(store))
     }
@@ -164,10 +178,12 @@ impl Store {
     // ---- per-repository blob links ----
 
     pub fn link_blob(&self, repo: &str, d: &Digest) -> io::Result<()> {
+        let p = self.repo_dir(repo).join("_layers").join(algo_dir(d.algorithm())).join(d.hex());
         if self.repos.read().get(repo).is_some_and(|r| r.blobs.contains(d)) {
+            // A re-push restarts the GC grace period of the link.
+            let _ = File::options().write(true).open(&p).and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(());
         }
-        let p = self.repo_dir(repo).join("_layers").join(algo_dir(d.algorithm())).join(d.hex());
         fs::create_dir_all(p.parent().expect("link has a parent"))?;
         File::create(&p)?;
         self.repos.write().entry(repo.to_string()).or_default().blobs.insert(d.clone());
