@@ -12,6 +12,7 @@
 //! ```
 //! `oci` is the pure protocol; `store` never sees pingora; `upstream` never sees the server.
 
+pub mod auth;
 pub mod config;
 pub mod fill;
 pub mod http;

@@ -63,6 +63,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             tracing::info!(config = %config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(embedded default)".into()), "starting berth {}", env!("CARGO_PKG_VERSION"));
+            if cfg.open_beyond_loopback() {
+                tracing::warn!(
+                    "no [auth] section: anyone who can reach this address may pull, push and delete; see Authentication in the README"
+                );
+            }
             match berth::server::run(cfg, None) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -21,6 +21,8 @@ pub enum StartError {
     Store { path: String, source: std::io::Error },
     #[error("cannot start the server: {0}")]
     Server(String),
+    #[error("cannot set up access control: {0}")]
+    Auth(String),
 }
 
 /// Marks berth ready once every listener accepts connections, and tells systemd.
@@ -55,7 +57,7 @@ pub fn build(config: Config) -> Result<(Server, Arc<Registry>), StartError> {
     let store = Store::open(&config.storage_root)
         .map_err(|source| StartError::Store { path: config.storage_root.display().to_string(), source })?;
     crate::metrics::init(&config.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>());
-    let registry = Registry::new(config.clone(), store.clone());
+    let registry = Registry::new(config.clone(), store.clone()).map_err(StartError::Auth)?;
     let conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(config.grace_period.as_secs()),

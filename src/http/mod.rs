@@ -64,10 +64,18 @@ impl HttpServerApp for RegistryApp {
         let method = head.method.clone();
         let path = head.uri.path().to_string();
         let query = head.uri.query().map(str::to_string);
-        let headers = head.headers.clone();
+        let mut headers = head.headers.clone();
+        if !headers.contains_key(http::header::HOST) {
+            // HTTP/2 carries the host as :authority; the token realm is built from it.
+            if let Some(v) = head.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()) {
+                headers.insert(http::header::HOST, v);
+            }
+        }
         let expect_continue =
             headers.get(http::header::EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-        let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers };
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers, client, tls };
         let mut outcome = Outcome::default();
         let resp = {
             let mut body = SessionBody { session: &mut session, expect_continue };
@@ -82,6 +90,7 @@ impl HttpServerApp for RegistryApp {
             method = %method,
             route = outcome.route,
             repository = outcome.repository.as_deref().unwrap_or("-"),
+            user = outcome.user.as_deref().unwrap_or("-"),
             status,
             bytes,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -2,11 +2,13 @@
 //! Plain async Rust over the store and the upstream client; the pingora layer only adapts
 //! sessions to [`Request`]/[`Response`]. Must not import pingora.
 
+mod access;
 mod hosted;
 mod listing;
 pub mod mirror;
 mod response;
 mod serve;
+mod token;
 
 pub use response::{Body, Response};
 
@@ -17,6 +19,7 @@ use crate::store::Store;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderMap, Method};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// The request body, read chunk by chunk as it arrives.
@@ -40,6 +43,10 @@ pub struct Request<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The peer address: failed logins are throttled per client.
+    pub client: Option<IpAddr>,
+    /// Arrived over TLS: the token realm announced to this client is https.
+    pub tls: bool,
 }
 
 impl Request<'_> {
@@ -62,6 +69,8 @@ pub struct Registry {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
     pub mirror: Arc<mirror::Mirror>,
+    /// `None`: no `[auth]`, everything is open.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// What the access log and metrics need to know about a handled request.
@@ -71,12 +80,19 @@ pub struct Outcome {
     pub repository: Option<String>,
     pub upstream: Option<String>,
     pub cache: Option<&'static str>,
+    /// The authenticated user, for the access log.
+    pub user: Option<String>,
 }
 
 impl Registry {
-    pub fn new(config: Arc<Config>, store: Arc<Store>) -> Arc<Registry> {
+    /// Fails only when access control cannot be set up (the token signing key).
+    pub fn new(config: Arc<Config>, store: Arc<Store>) -> Result<Arc<Registry>, String> {
         let mirror = mirror::Mirror::new(&config, store.clone());
-        Arc::new(Registry { store, config, mirror })
+        let auth = match &config.auth {
+            Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &config.storage_root)?)),
+            None => None,
+        };
+        Ok(Arc::new(Registry { store, config, mirror, auth }))
     }
 
     /// Decides where a repository named in a request lives, in the documented order:
@@ -117,21 +133,31 @@ impl Registry {
     }
 
     async fn dispatch(&self, req: &Request<'_>, body: &mut dyn RequestBody, outcome: &mut Outcome) -> Result<Response, OciError> {
+        if req.path == access::TOKEN_PATH {
+            return token::handle(self, req, body, outcome).await;
+        }
         let Some(ep) = route::parse(req.path)? else {
             return Err(OciError::msg(ErrorCode::NameUnknown, format!("no such endpoint {}", req.path)));
         };
         outcome.route = ep.label();
+        let caller = match self.caller(req, outcome).await {
+            Ok(c) => c,
+            Err(refused) => return Ok(refused),
+        };
         let m = req.method;
         match &ep {
             Endpoint::Base => {
+                if let Err(refused) = self.base(req, caller.as_ref()) {
+                    return Ok(refused);
+                }
                 return match *m {
                     Method::GET | Method::HEAD => Ok(Response::new(200).json(b"{}".as_slice().into())),
                     _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
-                }
+                };
             }
             Endpoint::Catalog => {
                 return match *m {
-                    Method::GET | Method::HEAD => listing::catalog(self, req),
+                    Method::GET | Method::HEAD => self.catalog(req, caller.as_ref()),
                     _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
                 }
             }
@@ -139,7 +165,28 @@ impl Registry {
         }
         let name = ep.name().expect("named endpoint");
         let ns = req.param("ns");
-        match self.resolve(name, ns.as_deref())? {
+        let target = self.resolve(name, ns.as_deref())?;
+        let mount_query;
+        let mut req = req;
+        let unmounted;
+        if let Some(caller) = &caller {
+            let action = access::action_for(&ep, m);
+            // A write to a mirror is refused below with a clearer 403 than any challenge.
+            let read_only = matches!(target, Target::Mirror { .. }) && action == crate::auth::Action::Push;
+            if !read_only {
+                if let Err(refused) = self.authorize(req, caller, &target, &access::scope_name(name, ns.as_deref()), action) {
+                    return Ok(refused);
+                }
+            }
+            if matches!(ep, Endpoint::UploadStart { .. }) {
+                if let Some(q) = self.without_foreign_mount(req, caller) {
+                    mount_query = q;
+                    unmounted = Request { query: Some(&mount_query), ..*req };
+                    req = &unmounted;
+                }
+            }
+        }
+        match target {
             Target::Hosted(repo) => {
                 outcome.repository = Some(repo.to_string());
                 hosted::handle(self, req, &ep, &repo, body).await

@@ -1,0 +1,278 @@
+//! Access control, plain Rust: htpasswd users, berth's token service (ES256 JWTs), the
+//! pull/push policy of namespaces and mirrors, and brute-force throttling. Knows nothing of
+//! pingora or of HTTP beyond the `Authorization` header value; `registry` applies it.
+
+pub mod htpasswd;
+pub mod policy;
+pub mod throttle;
+pub mod token;
+
+pub use htpasswd::Htpasswd;
+pub use policy::{Action, Policy, Principal, Rules, Scope};
+pub use token::{Access, Claims, Issued};
+
+use crate::config::AuthConfig;
+use base64::Engine as _;
+use sha2::Digest as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use throttle::Throttle;
+use token::{TokenKey, Tokens};
+
+/// How long a successful password check is remembered: `docker push` sends Basic credentials
+/// on every request when a client skips the token dance, and bcrypt is deliberately slow.
+const VERIFIED_TTL: Duration = Duration::from_secs(600);
+const VERIFIED_MAX: u64 = 4096;
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No credentials at all.
+    Anonymous,
+    /// A user whose password was just checked; rights come from the policy.
+    User(String),
+    /// A bearer token from berth's token service; rights are what the token grants.
+    Token(Claims),
+}
+
+impl Caller {
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::User(u) => Some(u),
+            Caller::Token(c) => Some(c.sub.as_str()).filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// May this caller do `action` on the repository the client calls `name`, which the
+    /// policy governs with `rules`?
+    pub fn may(&self, rules: &Rules, name: &str, action: Action) -> bool {
+        match self {
+            Caller::Anonymous | Caller::User(_) => rules.allows(self.user(), action),
+            Caller::Token(c) => c.access.iter().any(|a| a.kind == "repository" && a.name == name && action.granted_by(&a.actions)),
+        }
+    }
+
+    /// May list the catalog: any authenticated caller (the list is filtered per repository).
+    pub fn may_list_catalog(&self) -> bool {
+        match self {
+            Caller::Anonymous => false,
+            Caller::User(_) => true,
+            Caller::Token(c) => c.access.iter().any(|a| a.kind == "registry" && a.name == "catalog" && !a.actions.is_empty()),
+        }
+    }
+}
+
+/// Why credentials were not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many failures from this client: try again after the duration.
+    Throttled(Duration),
+    /// Unknown user or wrong password (deliberately indistinguishable), or malformed Basic.
+    BadCredentials,
+    /// A bearer token that is not berth's, or is expired, tampered or for another service.
+    InvalidToken(String),
+}
+
+pub struct Auth {
+    users: Arc<Htpasswd>,
+    tokens: Tokens,
+    policy: Policy,
+    throttle: Throttle,
+    /// Keys are a keyed hash of (user, password, stored hash): neither the password nor
+    /// anything that can be checked offline against it is kept.
+    verified: moka::sync::Cache<[u8; 32], ()>,
+    pepper: [u8; 32],
+    /// A hash at the file's cost, verified for unknown users so they take as long as real ones.
+    dummy: String,
+    bcrypt_slots: tokio::sync::Semaphore,
+    pub service: String,
+    pub realm: Option<String>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("users", &self.users).field("service", &self.service).finish_non_exhaustive()
+    }
+}
+
+/// `Basic base64(user:password)` -> (user, password).
+pub fn basic_credentials(authorization: &str) -> Option<(String, String)> {
+    let (scheme, rest) = authorization.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, rest) = authorization.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+impl Auth {
+    pub fn new(cfg: &AuthConfig, storage_root: &Path) -> Result<Auth, String> {
+        let key = TokenKey::load_or_generate(cfg.token_key.as_deref(), storage_root)?;
+        let dummy = bcrypt::hash(uuid::Uuid::new_v4().to_string(), cfg.users.cost()).map_err(|e| e.to_string())?;
+        let mut pepper = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pepper).map_err(|_| "no randomness".to_string())?;
+        let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+        Ok(Auth {
+            users: cfg.users.clone(),
+            tokens: Tokens::new(key, &cfg.service, cfg.token_ttl),
+            policy: cfg.policy.clone(),
+            throttle: Throttle::new(cfg.max_failures, cfg.failure_window),
+            verified: moka::sync::Cache::builder().max_capacity(VERIFIED_MAX).time_to_live(VERIFIED_TTL).build(),
+            pepper,
+            dummy,
+            bcrypt_slots: tokio::sync::Semaphore::new(slots),
+            service: cfg.service.clone(),
+            realm: cfg.realm.clone(),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The caller behind an `Authorization` header (none: anonymous).
+    pub async fn authenticate(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, Refusal> {
+        let Some(h) = authorization.filter(|h| !h.trim().is_empty()) else {
+            return Ok(Caller::Anonymous);
+        };
+        if let Some(t) = bearer_token(h) {
+            return self.tokens.verify(t).map(Caller::Token).map_err(Refusal::InvalidToken);
+        }
+        match basic_credentials(h) {
+            Some((user, password)) => self.check_password(&user, &password, client).await.map(|_| Caller::User(user)),
+            None => {
+                self.throttle.check(client_key(client)).map_err(Refusal::Throttled)?;
+                self.throttle.fail(client_key(client));
+                Err(Refusal::BadCredentials)
+            }
+        }
+    }
+
+    /// Checks a password off the async threads. Unknown users and wrong passwords cost the
+    /// same bcrypt work and give the same answer.
+    pub async fn check_password(&self, user: &str, password: &str, client: Option<IpAddr>) -> Result<(), Refusal> {
+        let ip = client_key(client);
+        self.throttle.check(ip).map_err(Refusal::Throttled)?;
+        let stored = self.users.hash_of(user);
+        let key = stored.map(|h| self.cache_key(user, password, h));
+        if key.is_some_and(|k| self.verified.contains_key(&k)) {
+            return Ok(());
+        }
+        let ok = {
+            let _slot = self.bcrypt_slots.acquire().await.map_err(|_| Refusal::BadCredentials)?;
+            let hash = stored.unwrap_or(&self.dummy).to_string();
+            let password = password.to_string();
+            let matched = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false);
+            matched && stored.is_some()
+        };
+        match (ok, key) {
+            (true, Some(k)) => {
+                self.verified.insert(k, ());
+                Ok(())
+            }
+            _ => {
+                self.throttle.fail(ip);
+                tracing::info!(target: "auth", user, client = %ip, "rejected credentials");
+                Err(Refusal::BadCredentials)
+            }
+        }
+    }
+
+    fn cache_key(&self, user: &str, password: &str, hash: &str) -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        for part in [&self.pepper[..], user.as_bytes(), password.as_bytes(), hash.as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+
+    pub fn issue(&self, user: Option<&str>, access: Vec<Access>) -> Issued {
+        self.tokens.issue(user, access)
+    }
+}
+
+/// Requests without a peer address (never over TCP) share one throttle bucket.
+fn client_key(client: Option<IpAddr>) -> IpAddr {
+    client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthConfig;
+
+    fn auth(dir: &Path, max_failures: u32) -> Auth {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let users = Htpasswd::parse(&format!("alice:{hash}\n"), "t").unwrap();
+        let cfg = AuthConfig {
+            htpasswd: dir.join("htpasswd"),
+            users: Arc::new(users),
+            token_key: None,
+            token_ttl: Duration::from_secs(300),
+            service: "berth".into(),
+            realm: None,
+            max_failures,
+            failure_window: Duration::from_secs(60),
+            policy: Policy::default(),
+        };
+        Auth::new(&cfg, dir).unwrap()
+    }
+
+    fn basic(u: &str, p: &str) -> String {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
+    }
+
+    #[tokio::test]
+    async fn passwords_tokens_and_throttling() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), 3);
+        let ip = Some("192.0.2.7".parse().unwrap());
+        assert!(matches!(a.authenticate(None, ip).await, Ok(Caller::Anonymous)));
+        assert!(matches!(a.authenticate(Some(&basic("alice", "s3cret")), ip).await, Ok(Caller::User(u)) if u == "alice"));
+        // Cached the second time; still correct.
+        assert!(a.authenticate(Some(&basic("alice", "s3cret")), ip).await.is_ok());
+        assert_eq!(a.authenticate(Some(&basic("alice", "wrong")), ip).await.unwrap_err(), Refusal::BadCredentials);
+        assert_eq!(a.authenticate(Some(&basic("mallory", "s3cret")), ip).await.unwrap_err(), Refusal::BadCredentials);
+        assert_eq!(a.authenticate(Some("Basic !!!"), ip).await.unwrap_err(), Refusal::BadCredentials);
+        assert!(matches!(a.authenticate(Some(&basic("alice", "s3cret")), ip).await, Err(Refusal::Throttled(_))));
+        assert!(a.authenticate(Some(&basic("alice", "s3cret")), Some("192.0.2.8".parse().unwrap())).await.is_ok());
+        let t = a.issue(Some("alice"), vec![]).token;
+        assert!(matches!(a.authenticate(Some(&format!("Bearer {t}")), ip).await, Ok(Caller::Token(c)) if c.sub == "alice"));
+        assert!(matches!(a.authenticate(Some("Bearer x.y.z"), ip).await, Err(Refusal::InvalidToken(_))));
+    }
+
+    #[test]
+    fn token_callers_get_exactly_their_grant() {
+        let claims = |access| {
+            Caller::Token(Claims {
+                iss: "berth".into(),
+                sub: "bob".into(),
+                aud: "berth".into(),
+                exp: 0,
+                nbf: 0,
+                iat: 0,
+                jti: String::new(),
+                access,
+            })
+        };
+        let c = claims(vec![Access { kind: "repository".into(), name: "team/app".into(), actions: vec!["pull".into()] }]);
+        let open = Rules { pull: vec![Principal::Anonymous], push: vec![Principal::Anonymous] };
+        assert!(c.may(&open, "team/app", Action::Pull));
+        assert!(!c.may(&open, "team/app", Action::Push));
+        assert!(!c.may(&open, "team/other", Action::Pull), "the token, not the policy, decides");
+        assert!(!c.may_list_catalog());
+        assert_eq!(c.user(), Some("bob"));
+        assert!(!Caller::Anonymous.may_list_catalog());
+    }
+}
