@@ -582,6 +582,9 @@ fn docker_login_push_and_anonymous_pull() {
     cmd::run(Command::new("tar").arg("-C").arg(work.path()).arg("-cf").arg(&tar).arg("hello.txt"), Duration::from_secs(30)).expect_ok();
     d.docker(&["import", tar.to_str().unwrap(), &image]).expect_ok();
     d.docker(&["push", &image]).expect_ok();
+    let private = format!("{host}/private/hello:v1");
+    d.docker(&["tag", &image, &private]).expect_ok();
+    d.docker(&["push", &private]).expect_ok();
     let log = strip_ansi(&b.log());
     assert!(
         log.lines().any(|l| l.contains("method=PUT route=\"manifest\"") && l.contains("user=\"ci\"") && l.contains("status=201")),
@@ -598,6 +601,26 @@ fn docker_login_push_and_anonymous_pull() {
     d.docker(&["tag", &image, &format!("{host}/public/hello:v2")]).expect_ok();
     let out = d.docker(&["push", &format!("{host}/public/hello:v2")]);
     assert!(!out.ok, "anonymous push must fail:\n{}", out.stdout);
-    let out = d.docker(&["pull", &format!("{host}/private/app:v1")]);
+    d.docker(&["rmi", &private]).expect_ok();
+    let out = d.docker(&["pull", &private]);
     assert!(!out.ok, "anonymous pull of a private repository must fail:\n{}", out.stdout);
+
+    // containerd asks for its token with the OAuth2 password grant (POST /token).
+    let pull = |user: Option<&str>| {
+        let mut args = vec!["images", "pull", "--plain-http", "--snapshotter", "native"];
+        let c = user.map(creds);
+        if let Some(c) = &c {
+            args.extend(["--user", c.as_str()]);
+        }
+        args.push(&private);
+        d.ctr("berth-auth", &args)
+    };
+    assert!(!pull(None).ok, "containerd without credentials must be refused");
+    assert!(!pull(Some("bob")).ok, "bob has no pull on private/");
+    pull(Some("alice")).expect_ok();
+    let log = strip_ansi(&b.log());
+    assert!(
+        log.lines().any(|l| l.contains("method=POST route=\"token\"") && l.contains("user=\"alice\"") && l.contains("status=200")),
+        "containerd used the password grant:\n{log}"
+    );
 }
