@@ -77,10 +77,14 @@ impl HttpServerApp for RegistryApp {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers, client, tls };
         let mut outcome = Outcome::default();
-        let resp = {
+        let (resp, continue_withheld) = {
             let mut body = SessionBody { session: &mut session, expect_continue };
-            self.registry.handle(&req, &mut body, &mut outcome).await
+            let resp = self.registry.handle(&req, &mut body, &mut outcome).await;
+            (resp, body.expect_continue)
         };
+        if !continue_withheld && !session.is_body_done() {
+            drain_unread_body(&mut session).await;
+        }
         let status = resp.status;
         let written = write_response(&mut session, resp, method == http::Method::HEAD).await;
         let bytes = written.as_ref().map(|n| *n).unwrap_or(0);
@@ -112,6 +116,25 @@ impl HttpServerApp for RegistryApp {
             _ => None,
         }
     }
+}
+
+/// An early refusal (bad name, out-of-order chunk, oversized manifest) leaves the request body
+/// on the wire. Closing a socket with unread data makes the kernel reset the connection, and
+/// the client may lose the answer with it; so read and discard a bounded amount first (a
+/// "lingering close"). If the body is longer than that, the answer goes out with
+/// `Connection: close`. A client still waiting for `100 Continue` never sends it: not drained.
+async fn drain_unread_body(session: &mut ServerSession) {
+    const LIMIT: u64 = 16 << 20;
+    let drain = async {
+        let mut read = 0u64;
+        while read <= LIMIT {
+            match session.read_request_body().await {
+                Ok(Some(b)) => read += b.len() as u64,
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
 /// Writes a response; returns the body bytes sent.

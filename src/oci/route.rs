@@ -117,6 +117,19 @@ pub fn parse(path: &str) -> Result<Option<Endpoint>, OciError> {
     })
 }
 
+/// As [`parse`], for a request with `method`. A tag that can never exist is an unknown
+/// manifest to a reader (404, as the conformance suite expects of `.INVALID_MANIFEST_NAME`)
+/// but an invalid one to a writer (400).
+pub fn parse_for(method: &http::Method, path: &str) -> Result<Option<Endpoint>, OciError> {
+    parse(path).map_err(|e| {
+        if e.code == ErrorCode::ManifestInvalid && *method != http::Method::PUT {
+            OciError { code: ErrorCode::ManifestUnknown, ..e }
+        } else {
+            e
+        }
+    })
+}
+
 /// Query string helper: the first value of `key`, percent-decoded.
 pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     let q = query?;
@@ -153,6 +166,15 @@ mod tests {
             assert_eq!(parse(p).unwrap_err().code, ErrorCode::NameInvalid, "{p}");
         }
         assert_eq!(parse("/v2/a/blobs/sha256:zz").unwrap_err().code, ErrorCode::DigestInvalid);
+    }
+
+    #[test]
+    fn impossible_tags_are_unknown_to_readers_and_invalid_to_writers() {
+        let p = "/v2/a/manifests/.INVALID_MANIFEST_NAME";
+        assert_eq!(parse_for(&http::Method::GET, p).unwrap_err().code, ErrorCode::ManifestUnknown);
+        assert_eq!(parse_for(&http::Method::HEAD, p).unwrap_err().code, ErrorCode::ManifestUnknown);
+        assert_eq!(parse_for(&http::Method::PUT, p).unwrap_err().code, ErrorCode::ManifestInvalid);
+        assert_eq!(parse_for(&http::Method::GET, "/v2/a/../b/tags/list").unwrap_err().code, ErrorCode::NameInvalid);
     }
 
     #[test]

@@ -214,6 +214,21 @@ fn content_range(v: &str) -> Option<(u64, u64)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
+/// A chunk whose `Content-Range` does not start where the upload ends is refused with 416 and
+/// the current `Range`, leaving the session as it was so the client can resume from there.
+fn out_of_order(req: &Request<'_>, repo: &RepoName, id: &str, offset: u64) -> Option<Response> {
+    let cr = req.header("content-range")?;
+    let refuse =
+        |message: String| Some(upload_headers(Response::error(&OciError::msg(ErrorCode::RangeInvalid, message)), repo, id, offset));
+    let Some((start, end)) = content_range(cr) else {
+        return refuse(format!("malformed Content-Range {cr:?}"));
+    };
+    if start != offset || end < start {
+        return refuse(format!("chunk starts at {start} but the upload has {offset} bytes; send chunks in order"));
+    }
+    None
+}
+
 async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, body: &mut dyn RequestBody) -> Result<Response, OciError> {
     let uploads = &reg.store.uploads;
     let handle = uploads.get(id, repo.as_str())?;
@@ -230,17 +245,8 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             Ok(Response::new(204))
         }
         Method::PATCH => {
-            if let Some(cr) = req.header("content-range") {
-                let Some((start, end)) = content_range(cr) else {
-                    return Err(OciError::msg(ErrorCode::RangeInvalid, format!("malformed Content-Range {cr:?}")));
-                };
-                if start != s.offset() || end < start {
-                    let e = OciError::msg(
-                        ErrorCode::RangeInvalid,
-                        format!("chunk starts at {start} but the upload has {} bytes; send chunks in order", s.offset()),
-                    );
-                    return Ok(upload_headers(Response::error(&e), repo, id, s.offset()));
-                }
+            if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
+                return Ok(refused);
             }
             let before = s.offset();
             while let Some(c) = body.chunk().await? {
@@ -261,6 +267,10 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
                 return Err(OciError::msg(ErrorCode::DigestInvalid, "PUT to an upload needs ?digest="));
             };
             let d = Digest::parse(&dg)?;
+            // The last chunk may ride on the PUT; it must continue the upload like a PATCH.
+            if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
+                return Ok(refused);
+            }
             while let Some(c) = body.chunk().await? {
                 s.append(&c)?;
             }

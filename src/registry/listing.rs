@@ -44,7 +44,9 @@ pub fn paged_json(req: &Request<'_>, key: &str, name: Option<&str>, items: &[Str
     }
     obj.insert(key.into(), items.to_vec().into());
     let mut r = Response::new(200).json(serde_json::to_vec(&obj).expect("json").into());
-    if more {
+    // An empty page (n=0) has no last entry to continue from: a Link would point back at the
+    // same page and a client following it would never stop.
+    if more && !items.is_empty() {
         r = r.header("Link", link(req.path, n, items.last().map(String::as_str).unwrap_or("")));
     }
     Ok(r)

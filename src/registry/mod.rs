@@ -136,7 +136,7 @@ impl Registry {
         if req.path == access::TOKEN_PATH {
             return token::handle(self, req, body, outcome).await;
         }
-        let Some(ep) = route::parse(req.path)? else {
+        let Some(ep) = route::parse_for(req.method, req.path)? else {
             return Err(OciError::msg(ErrorCode::NameUnknown, format!("no such endpoint {}", req.path)));
         };
         outcome.route = ep.label();

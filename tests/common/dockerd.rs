@@ -36,6 +36,11 @@ pub struct Dockerd {
 impl Dockerd {
     /// Starts dockerd; `mirror` is a `--registry-mirror` URL.
     pub fn start(mirror: Option<&str>) -> Dockerd {
+        Self::start_with(mirror, &[])
+    }
+
+    /// As `start`, with more daemon flags (e.g. `--insecure-registry=127.0.0.1:PORT`).
+    pub fn start_with(mirror: Option<&str>, flags: &[String]) -> Dockerd {
         let dir = tempfile::tempdir().unwrap();
         let p = |s: &str| dir.path().join(s);
         std::fs::create_dir_all(p("cli")).unwrap();
@@ -53,6 +58,7 @@ impl Dockerd {
         if let Some(m) = mirror {
             cmd.arg(format!("--registry-mirror={m}"));
         }
+        cmd.args(flags);
         no_internet(&mut cmd);
         let child =
             cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("dockerd starts");
@@ -144,5 +150,24 @@ impl Drop for Dockerd {
                 signal("-KILL", &pid);
             }
         }
+        unmount_below(self.dir.path());
+    }
+}
+
+/// A daemon killed mid-way can leave mounts (container shm, netns) under its directories; they
+/// would keep the temp dir from being removed and pile up on the machine. Deepest first.
+fn unmount_below(dir: &std::path::Path) {
+    let Ok(root) = dir.canonicalize() else { return };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Field 5 is the mount point, with spaces and the like octal-escaped.
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(&p).stderr(Stdio::null()).status();
     }
 }
