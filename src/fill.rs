@@ -135,6 +135,7 @@ async fn run(
     let (repo, digest) = key;
     store.commit(writer, digest)?;
     store.link_blob(repo, digest)?;
+    store.cache_used(digest);
     Ok(())
 }
 

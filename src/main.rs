@@ -26,6 +26,23 @@ enum Command {
         #[arg(long, env = "BERTH_CONFIG")]
         config: PathBuf,
     },
+    /// Apply retention and collect unreferenced hosted blobs (inside the running server if
+    /// there is one).
+    Gc {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+        /// Report what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify every blob, link, manifest and tag; exit non-zero on any inconsistency.
+    Fsck {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+        /// Remove what cannot be trusted (berth must be stopped).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
@@ -38,6 +55,30 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Gc { config, dry_run } => match load(Some(&config)).and_then(|c| berth::ops::gc(c, dry_run)) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berth: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Fsck { config, repair } => match load(Some(&config)).and_then(|c| berth::ops::fsck(c, repair)) {
+            Ok((clean, report)) => {
+                print!("{report}");
+                if clean {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("berth: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check { config } => match load(Some(&config)).and_then(|c| c.check_environment().map_err(|e| e.to_string())) {
             Ok(()) => {
                 println!("{}: ok", config.display());

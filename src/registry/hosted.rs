@@ -31,6 +31,7 @@ pub async fn handle(
             }
             Method::PUT => put_manifest(reg, req, repo, reference, body).await,
             Method::DELETE => {
+                reg.check_immutable_delete(r, reference)?;
                 let found = match reference {
                     Reference::Digest(d) => store.delete_manifest(r, d)?,
                     Reference::Tag(t) => store.delete_tag(r, t.as_str())?,
@@ -124,6 +125,13 @@ async fn put_manifest(
     let info = manifest::inspect(&bytes, req.header("content-type"))?;
     let store = &reg.store;
     let r = repo.as_str();
+    if let Reference::Tag(t) = reference {
+        reg.check_immutable_move(r, t.as_str(), &digest)?;
+    }
+    reg.check_quota(r, &digest, bytes.len() as u64)?;
+    // Held until the manifest is written: GC cannot sweep a blob between this check and
+    // the write that makes it referenced.
+    let _no_gc = store.gc_lock.read().await;
     for b in &info.blobs {
         if !store.blob_linked(r, b) || store.blob_size(b).is_none() {
             return Err(OciError::msg(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}"))
@@ -193,6 +201,7 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
                 return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {} bytes, Content-Length said {n}", w.written())));
             }
         }
+        reg.check_quota(repo.as_str(), &d, w.written())?;
         store.commit(w, &d)?;
         store.link_blob(repo.as_str(), &d)?;
         return Ok(created(repo, &d));
@@ -200,7 +209,7 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
     let handle = store.uploads.create(repo.as_str())?;
     let mut s = handle.lock().await;
     while let Some(c) = body.chunk().await? {
-        s.append(&c)?;
+        append(&reg.store.uploads, &mut s, &c)?;
     }
     Ok(upload_headers(Response::new(202), repo, &s.id, s.offset()))
 }
@@ -250,7 +259,7 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             }
             let before = s.offset();
             while let Some(c) = body.chunk().await? {
-                s.append(&c)?;
+                append(&reg.store.uploads, &mut s, &c)?;
             }
             if let Some(n) = declared_length(req) {
                 if s.offset() - before != n {
@@ -272,7 +281,12 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
                 return Ok(refused);
             }
             while let Some(c) = body.chunk().await? {
-                s.append(&c)?;
+                append(&reg.store.uploads, &mut s, &c)?;
+            }
+            if let Err(e) = reg.check_quota(repo.as_str(), &d, s.offset()) {
+                drop(s);
+                uploads.remove(id);
+                return Err(e);
             }
             uploads.commit(&reg.store, &mut s, &d)?;
             reg.store.link_blob(repo.as_str(), &d)?;
@@ -280,4 +294,16 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
         }
         _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
     }
+}
+
+/// Appends to an upload; a full disk ends the session and frees what it held, so a failed
+/// push leaves nothing behind.
+fn append(uploads: &crate::store::upload::Uploads, s: &mut crate::store::upload::Session, data: &[u8]) -> Result<(), OciError> {
+    s.append(data).map_err(|e| {
+        let err = OciError::from(e);
+        if err.code == ErrorCode::InsufficientStorage {
+            uploads.remove(&s.id);
+        }
+        err
+    })
 }

@@ -102,6 +102,7 @@ impl Mirror {
         match reference {
             Reference::Digest(d) => {
                 if let Some(meta) = self.store.manifest_meta(key, d) {
+                    self.store.cache_used(d);
                     count("hit");
                     outcome.cache = Some("hit");
                     return serve::manifest(&self.store, d, &meta).map(|r| cache_header(r, "hit"));
@@ -123,6 +124,7 @@ impl Mirror {
                 };
                 let fresh = self.tag_checked.lock().get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
                 if fresh {
+                    self.store.cache_used(&cd);
                     count("hit");
                     outcome.cache = Some("hit");
                     return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
@@ -236,6 +238,7 @@ impl Mirror {
         let range = req.header("range");
         if self.store.blob_linked(key, d) {
             if let Some(r) = serve::blob(&self.store, d, range)? {
+                self.store.cache_used(d);
                 count("hit");
                 outcome.cache = Some("hit");
                 if let Some(n) = r.body.len() {
@@ -446,5 +449,6 @@ async fn fetch_manifest(
         Reference::Digest(_) => None,
     };
     store.put_manifest(&key, &actual, bytes.clone(), meta.clone(), tag)?;
+    store.cache_used(&actual);
     Ok((actual, meta, bytes))
 }

@@ -88,11 +88,70 @@ impl Registry {
     /// Fails only when access control cannot be set up (the token signing key).
     pub fn new(config: Arc<Config>, store: Arc<Store>) -> Result<Arc<Registry>, String> {
         let mirror = mirror::Mirror::new(&config, store.clone());
+        store.set_cache_roots(config.upstreams.iter().map(|u| u.name.clone()).collect());
+        store.set_cache_limit(config.storage.max_cache_bytes);
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &config.storage_root)?)),
             None => None,
         };
         Ok(Arc::new(Registry { store, config, mirror, auth }))
+    }
+
+    /// The lifecycle policy of a hosted repository; None for mirrored ones.
+    pub fn policy_of(&self, repo: &str) -> Option<crate::store::policy::Policy> {
+        if self.store.is_cache_repo(repo) {
+            return None;
+        }
+        Some(self.config.namespaces.iter().find(|n| n.matches(repo)).map(|n| n.policy.clone()).unwrap_or_default())
+    }
+
+    /// Immutable tags are pushed once: moving one to another digest is refused.
+    pub fn check_immutable_move(&self, repo: &str, tag: &str, to: &crate::oci::Digest) -> Result<(), OciError> {
+        let policy = self.policy_of(repo).unwrap_or_default();
+        match self.store.tag_digest(repo, tag) {
+            Some(cur) if &cur != to && policy.is_immutable(tag) => {
+                Err(OciError::msg(ErrorCode::Denied, format!("tag {repo}:{tag} is immutable and already points at {cur}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Immutable tags are never deleted, nor the manifests they point at.
+    pub fn check_immutable_delete(&self, repo: &str, reference: &crate::oci::Reference) -> Result<(), OciError> {
+        let policy = self.policy_of(repo).unwrap_or_default();
+        let tags = self.store.tags(repo).unwrap_or_default();
+        let pinned = tags.iter().filter(|t| policy.is_immutable(t)).find(|t| match reference {
+            crate::oci::Reference::Tag(x) => x.as_str() == t.as_str(),
+            crate::oci::Reference::Digest(d) => self.store.tag_digest(repo, t).as_ref() == Some(d),
+        });
+        match pinned {
+            Some(t) => Err(OciError::msg(ErrorCode::Denied, format!("tag {repo}:{t} is immutable and cannot be deleted"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses content that would take the repository's namespace over its quota.
+    pub fn check_quota(&self, repo: &str, d: &crate::oci::Digest, size: u64) -> Result<(), OciError> {
+        let Some(ns) = self.config.namespaces.iter().find(|n| n.matches(repo)) else { return Ok(()) };
+        let Some(quota) = ns.policy.quota_bytes else { return Ok(()) };
+        let used = self.store.usage_of(&|r| ns.matches(r));
+        if self.store.blob_linked(repo, d) || used.1.contains(d) {
+            // Already counted: a re-push or a blob the namespace holds elsewhere.
+            return Ok(());
+        }
+        if used.0 + size > quota {
+            return Err(OciError::msg(
+                ErrorCode::Denied,
+                format!("namespace {} would use {} of its {quota}-byte quota; delete content first", ns.prefix, used.0 + size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs retention and garbage collection over the whole store.
+    pub async fn gc(&self, dry_run: bool) -> std::io::Result<crate::store::gc::GcReport> {
+        let policy_of = |repo: &str| self.policy_of(repo);
+        self.store.gc(&policy_of, self.config.storage.gc_grace, dry_run).await
     }
 
     /// Decides where a repository named in a request lives, in the documented order:

@@ -9,9 +9,15 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-#[derive(Default)]
 pub struct Lru {
     inner: Mutex<LruInner>,
+    max: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Lru {
+    fn default() -> Self {
+        Lru { inner: Mutex::default(), max: std::sync::atomic::AtomicU64::new(u64::MAX) }
+    }
 }
 
 #[derive(Default)]
@@ -97,7 +103,13 @@ impl Store {
         }
     }
 
-    /// Records a use of mirrored content and evicts what the bound no longer allows.
+    /// Bounds mirrored content to `max` bytes from now on.
+    pub fn set_cache_limit(&self, max: Option<u64>) {
+        self.lru.max.store(max.unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a use of mirrored content and evicts what the bound no longer allows. Called
+    /// on every hit and after every fill, so eviction keeps pace with fills.
     pub fn cache_used(&self, d: &Digest) {
         if self.hosted_links(d) {
             self.lru.remove(d);
@@ -106,6 +118,24 @@ impl Store {
         if let Some(size) = self.blob_size(d) {
             self.lru.touch(d, size);
         }
+        let max = self.lru.max.load(std::sync::atomic::Ordering::Relaxed);
+        if self.lru.bytes() > max {
+            if let Err(e) = self.enforce_cache_bound(max) {
+                tracing::warn!(error = %e, "cache eviction failed");
+            }
+        }
+    }
+
+    /// Bytes and digests of the unique content linked in repositories `matches` selects.
+    pub fn usage_of(&self, matches: &dyn Fn(&str) -> bool) -> (u64, std::collections::HashSet<Digest>) {
+        let digests: std::collections::HashSet<Digest> = self
+            .repos
+            .read()
+            .iter()
+            .filter(|(name, _)| matches(name))
+            .flat_map(|(_, r)| r.blobs.iter().chain(r.manifests.keys()).cloned().collect::<Vec<_>>())
+            .collect();
+        (digests.iter().filter_map(|d| self.blob_size(d)).sum(), digests)
     }
 
     pub fn cache_bytes(&self) -> u64 {

@@ -87,7 +87,8 @@ impl Store {
                         .ok()
                         .and_then(|i| {
                             let missing_blob = i.blobs.iter().find(|x| self.blob_size(x).is_none()).map(|x| format!("blob {x}"));
-                            let missing_child = i.children.iter().find(|c| self.manifest_meta(&repo, c).is_none()).map(|c| format!("child manifest {c}"));
+                            let missing_child =
+                                i.children.iter().find(|c| self.manifest_meta(&repo, c).is_none()).map(|c| format!("child manifest {c}"));
                             missing_blob.or(missing_child)
                         })
                         .map(|what| format!("{repo}: manifest {d} references missing {what}")),
@@ -125,7 +126,14 @@ mod tests {
         s.link_blob("team/a", &ld).unwrap();
         let m = format!(r#"{{"schemaVersion":2,"config":{{"digest":"{ld}","size":5}},"layers":[]}}"#);
         let md = Digest::sha256_of(m.as_bytes());
-        s.put_manifest("team/a", &md, Bytes::from(m), ManifestMeta { media_type: manifest::OCI_MANIFEST.into(), ..Default::default() }, Some("v1")).unwrap();
+        s.put_manifest(
+            "team/a",
+            &md,
+            Bytes::from(m),
+            ManifestMeta { media_type: manifest::OCI_MANIFEST.into(), ..Default::default() },
+            Some("v1"),
+        )
+        .unwrap();
         assert!(s.fsck(false).unwrap().problems.is_empty());
         fs::write(s.blob_path(&ld), b"bitrot").unwrap();
         let r = s.fsck(false).unwrap();

@@ -34,7 +34,9 @@ impl Store {
     }
 
     fn tag_time(&self, repo: &str, tag: &str) -> SystemTime {
-        fs::metadata(self.root.join("repositories").join(repo).join("_tags").join(tag)).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
+        fs::metadata(self.root.join("repositories").join(repo).join("_tags").join(tag))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     /// Applies retention to one hosted repository: untags what the policy expires and removes
@@ -55,7 +57,8 @@ impl Store {
                 self.delete_tag(repo, t)?;
             }
         }
-        let still_tagged: HashSet<Digest> = newest_first.iter().filter(|t| !expired.contains(t)).filter_map(|t| self.tag_digest(repo, t)).collect();
+        let still_tagged: HashSet<Digest> =
+            newest_first.iter().filter(|t| !expired.contains(t)).filter_map(|t| self.tag_digest(repo, t)).collect();
         let children: HashSet<Digest> = self.manifest_refs(repo).into_iter().flat_map(|(_, refs)| refs).collect();
         for d in released {
             if still_tagged.contains(&d) || children.contains(&d) {
@@ -71,8 +74,12 @@ impl Store {
 
     /// Every manifest of `repo` with the digests it references (configs, layers, children).
     fn manifest_refs(&self, repo: &str) -> Vec<(Digest, Vec<Digest>)> {
-        let manifests: Vec<(Digest, String)> =
-            self.repos.read().get(repo).map(|r| r.manifests.iter().map(|(d, m)| (d.clone(), m.media_type.clone())).collect()).unwrap_or_default();
+        let manifests: Vec<(Digest, String)> = self
+            .repos
+            .read()
+            .get(repo)
+            .map(|r| r.manifests.iter().map(|(d, m)| (d.clone(), m.media_type.clone())).collect())
+            .unwrap_or_default();
         manifests
             .into_iter()
             .map(|(d, mt)| {
@@ -104,7 +111,8 @@ impl Store {
         let mut link_sweep: Vec<(String, Digest)> = Vec::new();
         for repo in &repos {
             let refs = self.manifest_refs(repo);
-            let removed: HashSet<String> = report.manifests_removed.iter().filter_map(|m| m.strip_prefix(&format!("{repo}@"))).map(str::to_string).collect();
+            let removed: HashSet<String> =
+                report.manifests_removed.iter().filter_map(|m| m.strip_prefix(&format!("{repo}@"))).map(str::to_string).collect();
             let mut in_repo: HashSet<Digest> = HashSet::new();
             for (d, r) in refs {
                 if dry_run && removed.contains(&d.to_string()) {
@@ -136,7 +144,9 @@ impl Store {
             .repos
             .read()
             .iter()
-            .flat_map(|(name, r)| r.blobs.iter().filter(|d| !swept_links.contains(&(name.clone(), (*d).clone()))).cloned().collect::<Vec<_>>())
+            .flat_map(|(name, r)| {
+                r.blobs.iter().filter(|d| !swept_links.contains(&(name.clone(), (*d).clone()))).cloned().collect::<Vec<_>>()
+            })
             .collect();
         for d in self.all_blobs()? {
             if marked.contains(&d) || linked.contains(&d) {
@@ -184,7 +194,10 @@ mod tests {
         let ld = Digest::sha256_of(layer);
         s.put_blob_bytes(layer, &ld).unwrap();
         s.link_blob(repo, &ld).unwrap();
-        let m = format!(r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{ld}","size":1}},"layers":[{{"digest":"{ld}","size":1}}]}}"#, manifest::OCI_MANIFEST);
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"digest":"{ld}","size":1}},"layers":[{{"digest":"{ld}","size":1}}]}}"#,
+            manifest::OCI_MANIFEST
+        );
         let md = Digest::sha256_of(m.as_bytes());
         let meta = ManifestMeta { media_type: manifest::OCI_MANIFEST.into(), size: m.len() as u64, ..Default::default() };
         s.put_manifest(repo, &md, Bytes::from(m), meta, Some(tag)).unwrap();

@@ -1,0 +1,63 @@
+//! In-server housekeeping on a schedule: upload sessions past `upload_ttl` are removed, and
+//! retention plus garbage collection run every `gc_interval`.
+
+use crate::registry::Registry;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub struct Maintenance {
+    pub registry: Arc<Registry>,
+}
+
+impl Maintenance {
+    /// Removes upload sessions idle for longer than the TTL; returns how many.
+    pub fn expire_uploads(registry: &Registry) -> usize {
+        let ttl = registry.config.storage.upload_ttl;
+        let uploads = &registry.store.uploads;
+        let now = SystemTime::now();
+        let mut n = 0;
+        for (id, last) in uploads.list() {
+            if now.duration_since(last).unwrap_or_default() >= ttl {
+                uploads.remove(&id);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Maintenance {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let storage = &self.registry.config.storage;
+        // Often enough that an expired upload or a due GC is never late by more than a tick.
+        let tick = storage.upload_ttl.min(storage.gc_interval).min(Duration::from_secs(60)).max(Duration::from_millis(200)) / 2;
+        let mut last_gc = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => return,
+            }
+            let expired = Self::expire_uploads(&self.registry);
+            if expired > 0 {
+                tracing::info!(expired, "removed expired upload sessions");
+            }
+            if last_gc.elapsed() >= storage.gc_interval {
+                last_gc = Instant::now();
+                match self.registry.gc(false).await {
+                    Ok(r) => tracing::info!(
+                        tags = r.tags_removed.len(),
+                        manifests = r.manifests_removed.len(),
+                        blobs = r.blobs_removed,
+                        bytes = r.bytes_freed,
+                        "garbage collection done"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Offline and remote store commands behind `berth gc` and `berth fsck`.
+
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// Is a berth serving this config right now? Its admin listener answers.
+fn running_admin(config: &Config) -> Option<std::net::SocketAddr> {
+    let addr = config.admin_listen?;
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).ok().map(|_| addr)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Runs GC. When the server is running, it runs inside the server (POST /gc on the admin
+/// listener) so its index and locks stay authoritative; otherwise on the store directly.
+pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
+    if let Some(addr) = running_admin(&config) {
+        let url = format!("http://{addr}/gc?dry_run={dry_run}");
+        return runtime().block_on(async {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .send()
+                .await
+                .map_err(|e| format!("asking the running berth at {addr} to collect: {e}"))?;
+            let status = r.status();
+            let body = r.text().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("the running berth answered {status}: {body}"));
+            }
+            Ok(body)
+        });
+    }
+    let store =
+        Store::open(&config.storage_root).map_err(|e| format!("cannot open the store at {}: {e}", config.storage_root.display()))?;
+    let registry = Registry::new(std::sync::Arc::new(config), store)?;
+    let report = runtime().block_on(registry.gc(dry_run)).map_err(|e| format!("gc failed: {e}"))?;
+    Ok(serde_json::to_string_pretty(&report).expect("report serializes"))
+}
+
+/// Verifies the whole store. Returns whether it was consistent, and the report.
+pub fn fsck(config: Config, repair: bool) -> Result<(bool, String), String> {
+    if repair {
+        if let Some(addr) = running_admin(&config) {
+            return Err(format!("berth is running (admin listener {addr} answers); stop it before fsck --repair"));
+        }
+    }
+    let store =
+        Store::open(&config.storage_root).map_err(|e| format!("cannot open the store at {}: {e}", config.storage_root.display()))?;
+    store.set_cache_roots(config.upstreams.iter().map(|u| u.name.clone()).collect());
+    let r = store.fsck(repair).map_err(|e| format!("fsck failed: {e}"))?;
+    let mut out = String::new();
+    for p in &r.problems {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out.push_str(&format!("{} blobs verified, {} problems, {} repaired\n", r.blobs_checked, r.problems.len(), r.repaired));
+    Ok((r.problems.is_empty(), out))
+}
