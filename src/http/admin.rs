@@ -1,14 +1,19 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! It runs on a thread and runtime of its own, outside pingora's services: pingora stops every
+//! service's accept loop the moment a graceful shutdown starts, and `/readyz` has to keep
+//! answering 503 to load balancers for the whole drain, until the process exits.
 
 use crate::metrics;
-use async_trait::async_trait;
+use crate::store::Store;
 use bytes::Bytes;
-use pingora::apps::{HttpServerApp, ReusedHttpStream};
+use parking_lot::Mutex;
+use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
-use pingora::server::ShutdownWatch;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Readiness: set once the store is open and the listeners accept; cleared when draining.
 #[derive(Default)]
@@ -23,30 +28,81 @@ impl Health {
     }
 }
 
-pub struct AdminApp {
+/// Walking the store is not free: scrapes closer together than this share one walk.
+const USAGE_MAX_AGE: Duration = Duration::from_secs(5);
+
+pub struct Admin {
     pub health: Arc<Health>,
-    pub store: Arc<crate::store::Store>,
+    pub store: Arc<Store>,
+    /// Is this repository in a hosted namespace (as opposed to a mirror's cache)?
+    pub is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    usage_at: Mutex<Option<Instant>>,
 }
 
-#[async_trait]
-impl HttpServerApp for AdminApp {
-    async fn process_new_http(self: &Arc<Self>, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
+impl Admin {
+    pub fn new(health: Arc<Health>, store: Arc<Store>, is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>) -> Arc<Admin> {
+        Arc::new(Admin { health, store, is_hosted, usage_at: Mutex::new(None) })
+    }
+
+    /// Serves the admin endpoints on `listener` from a thread of its own until the process ends.
+    pub fn spawn(self: Arc<Self>, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name("berth-admin".into()).spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("admin listener: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    match listener.accept().await {
+                        Ok((tcp, _)) => {
+                            tokio::spawn(self.clone().connection(tcp));
+                        }
+                        Err(e) => {
+                            // Out of descriptors, most likely: let others close some.
+                            tracing::warn!("admin accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream) {
+        let stream = pingora::protocols::l4::stream::Stream::from(tcp);
+        let mut session = ServerSession::new_http1(Box::new(stream));
+        session.set_keepalive(Some(60));
+        loop {
+            session.set_read_timeout(Some(Duration::from_secs(60)));
+            let Some(reused) = self.request(session).await else { return };
+            let (stream, settings) = reused.consume();
+            session = ServerSession::new_http1(stream);
+            if let Some(s) = settings {
+                s.apply_to_session(&mut session);
+            }
+        }
+    }
+
+    async fn request(&self, mut session: ServerSession) -> Option<ReusedHttpStream> {
         if !matches!(session.read_request().await, Ok(true)) {
             return None;
-        }
-        if *shutdown.borrow() {
-            self.health.draining.store(true, Ordering::SeqCst);
-            session.set_keepalive(None);
         }
         let path = session.req_header().uri.path().to_string();
         let (status, ctype, body) = match path.as_str() {
             "/metrics" => {
-                metrics::UPLOADS_IN_PROGRESS.set(self.store.uploads.in_progress() as i64);
+                self.refresh_gauges().await;
                 (200, "text/plain; version=0.0.4", metrics::render())
             }
             "/healthz" => (200, "text/plain", "ok\n".to_string()),
             "/readyz" if self.health.is_ready() => (200, "text/plain", "ready\n".to_string()),
-            "/readyz" => (503, "text/plain", "not ready\n".to_string()),
+            "/readyz" if self.health.draining.load(Ordering::SeqCst) => (503, "text/plain", "draining\n".to_string()),
+            "/readyz" => (503, "text/plain", "starting\n".to_string()),
             _ => (404, "text/plain", "not found\n".to_string()),
         };
         let mut h = ResponseHeader::build(status, Some(2)).ok()?;
@@ -55,10 +111,31 @@ impl HttpServerApp for AdminApp {
         session.write_response_header(Box::new(h)).await.ok()?;
         session.write_response_body(Bytes::from(body), true).await.ok()?;
         session.finish_body().await.ok()?;
-        let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
+        let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
             Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
             _ => None,
+        }
+    }
+
+    /// Gauges read from the store rather than kept up to date by every writer.
+    async fn refresh_gauges(&self) {
+        metrics::UPLOADS_IN_PROGRESS.set(self.store.uploads.in_progress() as i64);
+        {
+            let mut at = self.usage_at.lock();
+            if at.is_some_and(|t| t.elapsed() < USAGE_MAX_AGE) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let (store, is_hosted) = (self.store.clone(), self.is_hosted.clone());
+        match tokio::task::spawn_blocking(move || store.usage(|r| is_hosted(r))).await {
+            Ok(Ok(u)) => {
+                metrics::STORE_BYTES.with_label_values(&["hosted"]).set(u.hosted as i64);
+                metrics::STORE_BYTES.with_label_values(&["cache"]).set(u.cache as i64);
+            }
+            Ok(Err(e)) => tracing::warn!("measuring the store: {e}"),
+            Err(e) => tracing::warn!("measuring the store: {e}"),
         }
     }
 }

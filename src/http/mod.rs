@@ -15,6 +15,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +24,48 @@ const CHUNK: usize = 1 << 20;
 
 pub struct RegistryApp {
     pub registry: Arc<Registry>,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Requests between their head arriving and their response finishing: what a graceful stop
+/// waits for.
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+    /// Returns once no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a guard dropped in between still wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 struct SessionBody<'a> {
@@ -56,6 +99,7 @@ impl HttpServerApp for RegistryApp {
             Ok(true) => {}
             _ => return None,
         }
+        let _in_flight = self.in_flight.enter();
         if *shutdown.borrow() {
             session.set_keepalive(None);
         }
@@ -89,6 +133,11 @@ impl HttpServerApp for RegistryApp {
         let written = write_response(&mut session, resp, method == http::Method::HEAD).await;
         let bytes = written.as_ref().map(|n| *n).unwrap_or(0);
         metrics::record_request(method.as_str(), outcome.route, status, started.elapsed());
+        // Hosted content is counted here, from what was written; the mirror counts its own.
+        let hosted = outcome.repository.is_some() && outcome.upstream.is_none();
+        if hosted && bytes > 0 && (200..300).contains(&status) && matches!(outcome.route, "blob" | "manifest") {
+            metrics::SERVED_BYTES.with_label_values(&["hosted"]).inc_by(bytes);
+        }
         tracing::info!(
             target: "access",
             method = %method,
