@@ -26,7 +26,14 @@ pub fn no_internet(cmd: &mut Command) -> &mut Command {
     cmd.env("NO_PROXY", "127.0.0.1,localhost").env("no_proxy", "127.0.0.1,localhost")
 }
 
+/// Daemons in one test binary take turns, so no test depends on two daemons (each with its own
+/// containerd, cgroups and mounts) sharing the machine, or on a start racing another's load
+/// against the readiness deadline. Test binaries already run one after another.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub struct Dockerd {
+    /// Released after `drop` has stopped the daemon (fields drop after `Drop::drop`).
+    _turn: std::sync::MutexGuard<'static, ()>,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
@@ -41,6 +48,8 @@ impl Dockerd {
 
     /// As `start`, with more daemon flags (e.g. `--insecure-registry=127.0.0.1:PORT`).
     pub fn start_with(mirror: Option<&str>, flags: &[String]) -> Dockerd {
+        // A test that failed while holding the turn poisons the lock; the daemon is gone anyway.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let p = |s: &str| dir.path().join(s);
         std::fs::create_dir_all(p("cli")).unwrap();
@@ -62,7 +71,7 @@ impl Dockerd {
         no_internet(&mut cmd);
         let child =
             cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("dockerd starts");
-        let mut d = Dockerd { child: Some(child), dir, sock, log };
+        let mut d = Dockerd { _turn: turn, child: Some(child), dir, sock, log };
         d.wait_ready();
         d
     }
