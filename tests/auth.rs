@@ -307,6 +307,37 @@ fn repeated_failures_are_throttled() {
 }
 
 #[test]
+fn htpasswd_changes_apply_without_restart() {
+    // Polling with a not-yet-valid password counts as failures: allow plenty.
+    let b = start("max_failures = 1000", "");
+    let c = client();
+    let ht = b.dir.path().join("htpasswd");
+    let base = format!("{}/v2/", b.url());
+    let erin = || c.get(&base).basic_auth("erin", Some("erin-secret")).send().unwrap().status();
+    assert_eq!(erin(), StatusCode::UNAUTHORIZED);
+    let mut text = std::fs::read_to_string(&ht).unwrap();
+    text.push_str(&format!("erin:{}\n", bcrypt::hash("erin-secret", 4).unwrap()));
+    std::fs::write(&ht, &text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while erin() != StatusCode::OK && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(erin(), StatusCode::OK, "a user added to the file can log in");
+
+    // A broken edit is reported and changes nothing.
+    text.push_str("frank:plaintext\n");
+    std::fs::write(&ht, &text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !b.log().contains("does not load") && std::time::Instant::now() < deadline {
+        let _ = erin();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(strip_ansi(&b.log()).contains("line 6 (user \"frank\")"), "{}", b.log());
+    assert_eq!(erin(), StatusCode::OK);
+    assert_eq!(as_user(c.get(&base), Some("alice")).send().unwrap().status(), StatusCode::OK);
+}
+
+#[test]
 fn token_endpoint_speaks_the_oauth2_password_grant() {
     let b = start("", "");
     let c = client();

@@ -13,11 +13,12 @@ pub use token::{Access, Claims, Issued};
 
 use crate::config::AuthConfig;
 use base64::Engine as _;
+use parking_lot::{Mutex, RwLock};
 use sha2::Digest as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use throttle::Throttle;
 use token::{TokenKey, Tokens};
 
@@ -25,6 +26,8 @@ use token::{TokenKey, Tokens};
 /// on every request when a client skips the token dance, and bcrypt is deliberately slow.
 const VERIFIED_TTL: Duration = Duration::from_secs(600);
 const VERIFIED_MAX: u64 = 4096;
+/// How often the htpasswd file is looked at for changes: adding a CI user needs no restart.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -76,8 +79,30 @@ pub enum Refusal {
     InvalidToken(String),
 }
 
+/// The users as last loaded, with what identifies that version of the file.
+struct UserDb {
+    users: Htpasswd,
+    /// A hash at the file's cost, verified for unknown users so they take as long as real ones.
+    dummy: String,
+    version: Option<(SystemTime, u64)>,
+}
+
+impl UserDb {
+    fn new(users: Htpasswd, version: Option<(SystemTime, u64)>) -> Result<UserDb, String> {
+        let dummy = bcrypt::hash(uuid::Uuid::new_v4().to_string(), users.cost()).map_err(|e| e.to_string())?;
+        Ok(UserDb { users, dummy, version })
+    }
+}
+
+fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
 pub struct Auth {
-    users: Arc<Htpasswd>,
+    htpasswd: PathBuf,
+    db: RwLock<Arc<UserDb>>,
+    next_reload: Mutex<Instant>,
     tokens: Tokens,
     policy: Policy,
     throttle: Throttle,
@@ -85,8 +110,6 @@ pub struct Auth {
     /// anything that can be checked offline against it is kept.
     verified: moka::sync::Cache<[u8; 32], ()>,
     pepper: [u8; 32],
-    /// A hash at the file's cost, verified for unknown users so they take as long as real ones.
-    dummy: String,
     bcrypt_slots: tokio::sync::Semaphore,
     pub service: String,
     pub realm: Option<String>,
@@ -94,7 +117,7 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("users", &self.users).field("service", &self.service).finish_non_exhaustive()
+        f.debug_struct("Auth").field("users", &self.db.read().users).field("service", &self.service).finish_non_exhaustive()
     }
 }
 
@@ -118,18 +141,19 @@ fn bearer_token(authorization: &str) -> Option<&str> {
 impl Auth {
     pub fn new(cfg: &AuthConfig, storage_root: &Path) -> Result<Auth, String> {
         let key = TokenKey::load_or_generate(cfg.token_key.as_deref(), storage_root)?;
-        let dummy = bcrypt::hash(uuid::Uuid::new_v4().to_string(), cfg.users.cost()).map_err(|e| e.to_string())?;
+        let db = UserDb::new((*cfg.users).clone(), file_version(&cfg.htpasswd))?;
         let mut pepper = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pepper).map_err(|_| "no randomness".to_string())?;
         let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
         Ok(Auth {
-            users: cfg.users.clone(),
+            htpasswd: cfg.htpasswd.clone(),
+            db: RwLock::new(Arc::new(db)),
+            next_reload: Mutex::new(Instant::now() + RELOAD_EVERY),
             tokens: Tokens::new(key, &cfg.service, cfg.token_ttl),
             policy: cfg.policy.clone(),
             throttle: Throttle::new(cfg.max_failures, cfg.failure_window),
             verified: moka::sync::Cache::builder().max_capacity(VERIFIED_MAX).time_to_live(VERIFIED_TTL).build(),
             pepper,
-            dummy,
             bcrypt_slots: tokio::sync::Semaphore::new(slots),
             service: cfg.service.clone(),
             realm: cfg.realm.clone(),
@@ -163,14 +187,15 @@ impl Auth {
     pub async fn check_password(&self, user: &str, password: &str, client: Option<IpAddr>) -> Result<(), Refusal> {
         let ip = client_key(client);
         self.throttle.check(ip).map_err(Refusal::Throttled)?;
-        let stored = self.users.hash_of(user);
+        let db = self.users().await;
+        let stored = db.users.hash_of(user);
         let key = stored.map(|h| self.cache_key(user, password, h));
         if key.is_some_and(|k| self.verified.contains_key(&k)) {
             return Ok(());
         }
         let ok = {
             let _slot = self.bcrypt_slots.acquire().await.map_err(|_| Refusal::BadCredentials)?;
-            let hash = stored.unwrap_or(&self.dummy).to_string();
+            let hash = stored.unwrap_or(&db.dummy).to_string();
             let password = password.to_string();
             let matched = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false);
             matched && stored.is_some()
@@ -184,6 +209,52 @@ impl Auth {
                 self.throttle.fail(ip);
                 tracing::info!(target: "auth", user, client = %ip, "rejected credentials");
                 Err(Refusal::BadCredentials)
+            }
+        }
+    }
+
+    /// The current users, reloading the file first when it changed. A file that no longer
+    /// loads (a bad line) is reported once and the previous users stay in force.
+    async fn users(&self) -> Arc<UserDb> {
+        let due = {
+            let mut next = self.next_reload.lock();
+            let now = Instant::now();
+            let due = now >= *next;
+            if due {
+                *next = now + RELOAD_EVERY;
+            }
+            due
+        };
+        let current = self.db.read().clone();
+        if !due {
+            return current;
+        }
+        let path = self.htpasswd.clone();
+        let seen = current.version;
+        let fresh = tokio::task::spawn_blocking(move || {
+            let version = file_version(&path);
+            if version.is_none() || version == seen {
+                return None;
+            }
+            Some(Htpasswd::load(&path).map_err(|e| e.to_string()).and_then(|u| UserDb::new(u, version)).map_err(|e| (e, version)))
+        })
+        .await
+        .ok()
+        .flatten();
+        match fresh {
+            None => current,
+            Some(Ok(db)) => {
+                tracing::info!(target: "auth", users = db.users.len(), path = %self.htpasswd.display(), "reloaded the htpasswd file");
+                let db = Arc::new(db);
+                *self.db.write() = db.clone();
+                db
+            }
+            Some(Err((e, version))) => {
+                tracing::error!(target: "auth", error = %e, "the changed htpasswd file does not load; keeping the previous users");
+                // Remember the bad version so the error is reported once per change.
+                let kept = Arc::new(UserDb { users: current.users.clone(), dummy: current.dummy.clone(), version });
+                *self.db.write() = kept.clone();
+                kept
             }
         }
     }
