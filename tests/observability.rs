@@ -190,6 +190,19 @@ fn access_lines(log: &str) -> Vec<&str> {
     log.lines().filter(|l| l.contains("access")).collect()
 }
 
+/// The log once `done` holds for it. An access line is written after its response, so a
+/// client can see the answer a moment before the line exists.
+fn log_when(b: &Berth, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = b.log();
+        if done(&log) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn text_access_log_has_one_line_per_request() {
     let b = Berth::start(HOSTED);
@@ -197,7 +210,7 @@ fn text_access_log_has_one_line_per_request() {
     for _ in 0..3 {
         c.get(format!("{}/v2/team/app/manifests/v1", b.url())).send().unwrap();
     }
-    let log = b.log();
+    let log = log_when(&b, |log| access_lines(log).iter().filter(|l| l.contains("team/app")).count() >= 3);
     let lines: Vec<&str> = access_lines(&log).into_iter().filter(|l| l.contains("team/app")).collect();
     assert_eq!(lines.len(), 3, "{log}");
     for l in lines {
@@ -226,7 +239,8 @@ fn json_lines(log: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn check_json_access(log: &str) {
+fn check_json_access(b: &Berth) {
+    let log = &log_when(b, |log| log.matches("\"target\":\"access\"").count() >= 2);
     let lines = json_lines(log);
     let access: Vec<&serde_json::Value> =
         lines.iter().filter(|v| v["target"] == "access" && v["fields"]["repository"] == "team/app").collect();
@@ -248,7 +262,7 @@ fn json_logs_by_config_key() {
     for _ in 0..2 {
         c.get(format!("{}/v2/team/app/manifests/v1", b.url())).send().unwrap();
     }
-    check_json_access(&b.log());
+    check_json_access(&b);
 }
 
 #[test]
@@ -279,7 +293,7 @@ fn json_logs_by_flag() {
     for _ in 0..2 {
         c.get(format!("{}/v2/team/app/manifests/v1", b.url())).send().unwrap();
     }
-    check_json_access(&b.log());
+    check_json_access(&b);
 }
 
 /// An upstream that wants a bearer token, handed out only for the right basic credentials.
@@ -401,7 +415,7 @@ fn secrets_never_reach_logs_or_debug_output() {
     let (ok, out, err) =
         support::run(std::process::Command::new(env!("CARGO_BIN_EXE_berth")).args(["check", "--config"]).arg(&b.config_path));
     assert!(ok, "{out}{err}");
-    let log = b.log();
+    let log = log_when(&b, |log| log.matches("tags/list").count() + log.matches("route=\"tags\"").count() >= 1);
     assert!(log.lines().count() > 5, "trace logging produced almost nothing:\n{log}");
     let everything = format!("{log}\n{out}\n{err}");
     let secrets = [
