@@ -1355,6 +1355,30 @@ fn error_name_unknown_outside_every_namespace() {
 }
 
 #[test]
+fn error_denied_for_writes_to_a_mirrored_repository() {
+    // The upstream is a closed loopback port: a refusal must come before any upstream contact.
+    let berth = Berth::start(&format!("{NAMESPACE}[[upstream]]\nname = \"mirror.test\"\nurl = \"http://127.0.0.1:1\"\ndefault = true\n"));
+    let reg = Reg { berth, http: Client::new() };
+    let d = digest(b"x");
+    let before = reg.snapshot();
+    for (m, path) in [
+        (Method::PUT, "/v2/mirror.test/app/manifests/v1".to_string()),
+        (Method::PUT, "/v2/app/manifests/v1?ns=mirror.test".to_string()),
+        (Method::PUT, "/v2/library/app/manifests/v1".to_string()),
+        (Method::POST, "/v2/mirror.test/app/blobs/uploads/".to_string()),
+        (Method::POST, format!("/v2/elsewhere/app/blobs/uploads/?digest={d}")),
+        (Method::DELETE, format!("/v2/mirror.test/app/blobs/{d}")),
+        (Method::DELETE, format!("/v2/mirror.test/app/manifests/{d}")),
+    ] {
+        let r = reg.req(m.clone(), &path).header("Content-Type", OCI_MANIFEST).body("x").send().unwrap();
+        assert_error(r, 403, "DENIED");
+    }
+    assert_eq!(reg.snapshot(), before);
+    // The hosted namespace is untouched by the default upstream.
+    reg.push_blob("team/app", b"x");
+}
+
+#[test]
 fn error_blob_unknown() {
     let reg = start();
     reg.push_blob("team/app", b"something");
