@@ -4,6 +4,7 @@
 mod common;
 mod support;
 
+use common::dockerd::Dockerd;
 use common::{free_port, require, Berth};
 use std::path::Path;
 use std::process::Command;
@@ -122,11 +123,18 @@ fn docker_pulls_through_a_tls_mirror_trusting_the_test_ca() {
     std::fs::create_dir_all(&certs_d).unwrap();
     std::fs::copy(&b.ca, certs_d.join("ca.crt")).unwrap();
     let _cleanup = RemoveOnDrop(certs_d.clone());
-    let d = Dockerd::start(work.path(), &format!("https://{host}"));
-    let (ok, out, err) = run(d.docker().args(["pull", "berthtls:latest"]));
-    assert!(ok, "docker pull through the TLS mirror: {out}{err}\ndockerd log:\n{}\nberth log:\n{}", d.log(), b.berth.log());
-    let (ok, out, _) = run(d.docker().args(["image", "inspect", "--format", "{{.Id}}", "berthtls:latest"]));
-    assert!(ok && out.starts_with("sha256:"), "{out}");
+    let d = Dockerd::start(Some(&format!("https://{host}")));
+    let pull = d.docker(&["pull", "berthtls:latest"]);
+    assert!(
+        pull.ok,
+        "docker pull through the TLS mirror: {}{}\ndockerd log:\n{}\nberth log:\n{}",
+        pull.stdout,
+        pull.stderr,
+        d.log_text(),
+        b.berth.log()
+    );
+    let id = d.docker(&["image", "inspect", "--format", "{{.Id}}", "berthtls:latest"]).expect_ok();
+    assert!(id.stdout.starts_with("sha256:"), "{}", id.stdout);
     let log = b.berth.log();
     assert!(log.contains("library/berthtls"), "the pull did not go through berth:\n{log}");
 }
@@ -136,69 +144,6 @@ struct RemoveOnDrop(std::path::PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Dockerd {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Dockerd {
-    fn start(parent: &Path, mirror: &str) -> Dockerd {
-        // Unix socket paths are limited to ~100 bytes: keep the daemon's directory short.
-        let dir = std::env::temp_dir().join(format!("bd{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = parent;
-        let log = std::fs::File::create(dir.join("log")).unwrap();
-        let child = Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", dir.join("sock").display()))
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs"])
-            .arg(format!("--registry-mirror={mirror}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("dockerd starts");
-        let d = Dockerd { child, dir };
-        for _ in 0..300 {
-            if run(d.docker().arg("info")).0 {
-                return d;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("dockerd did not come up:\n{}", d.log());
-    }
-    fn docker(&self) -> Command {
-        let mut c = Command::new("docker");
-        c.arg("-H").arg(format!("unix://{}", self.dir.join("sock").display()));
-        c
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        for _ in 0..200 {
-            if self.child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // vfs layers can hold many files; a failed removal only leaves a temp dir behind.
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -153,8 +153,9 @@ pub fn oci_layout(dir: &Path, tag: &str, text: &str) -> String {
     common::digest(&manifest)
 }
 
-/// Runs a command, returning (success, stdout, stderr).
+/// Runs a command with a deadline (a hung client fails the test), returning (success, stdout,
+/// stderr).
 pub fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = common::cmd::run(cmd, Duration::from_secs(180));
+    (out.ok, out.stdout, out.stderr)
 }
