@@ -655,3 +655,33 @@ fn docker_login_push_and_anonymous_pull() {
         "containerd used the password grant:\n{log}"
     );
 }
+
+#[test]
+fn docker_daemon_pulls_through_the_mirror_anonymously_with_auth_on() {
+    use common::distribution::{Options, Registry};
+    use common::oci_layout;
+    if !["docker-registry", "skopeo", "dockerd", "docker"].iter().all(|c| common::require(c)) {
+        return;
+    }
+    if !oci_layout::have_static_busybox() {
+        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").as_deref() != Ok("1"), "busybox-static is required");
+        eprintln!("skipping: busybox-static not installed");
+        return;
+    }
+    // A fake Docker Hub with token auth of its own, as the real one has.
+    let hub = Registry::start(Options { token: true, ..Default::default() });
+    let layouts = tempfile::tempdir().unwrap();
+    let img = oci_layout::multi_arch(&layouts.path().join("layout"), "latest", "through-auth");
+    hub.push(&img.skopeo_ref(), "library/busybox:latest");
+    let b = start("", &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", hub.url()));
+    let d = Dockerd::start(Some(&b.url()));
+
+    // The daemon meets berth's challenge on /v2/, fetches an anonymous token and pulls.
+    d.docker(&["pull", "busybox"]).expect_ok();
+    let run = d.docker(&["run", "--rm", "--network", "none", "busybox"]).expect_ok();
+    assert_eq!(run.stdout.trim(), "linux/amd64 through-auth");
+    assert!(!d.log_text().contains("Attempting next endpoint"), "the daemon gave up on the mirror:\n{}", d.log_text());
+    let log = strip_ansi(&b.log());
+    assert!(log.lines().any(|l| l.contains("route=\"token\"") && l.contains("status=200")), "{log}");
+    assert!(log.lines().any(|l| l.contains("route=\"manifest\"") && l.contains("status=200") && l.contains("user=\"-\"")), "{log}");
+}
