@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! client ──► http (pingora, thin) ──► registry::Registry::handle
+//!                                        │ /token: berth's token service (auth: htpasswd, ES256 JWTs)
 //!                                        │ resolve: ?ns= / host prefix / hosted namespace / default upstream
+//!                                        │ authorize (with [auth]): caller's pull/push on that repository, else 401
 //!                                        ├─► hosted: uploads, manifest PUT checks ──► store
 //!                                        └─► mirror: digest hit ──► store
 //!                                                    miss ──► fill (one upstream fetch per digest,
 //!                                                             every client streams the growing file)
 //!                                                             ──► upstream client (tokens, redirects)
 //! ```
-//! `oci` is the pure protocol; `store` never sees pingora; `upstream` never sees the server.
+//! `oci` is the pure protocol; `store` never sees pingora; `upstream` never sees the server;
+//! `auth` decides who may do what without knowing HTTP.
 
 pub mod auth;
 pub mod config;
