@@ -204,3 +204,51 @@ fn systemd_hears_ready_and_stopping() {
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
     assert!(wait_exit(&mut b, Duration::from_secs(20)).is_some());
 }
+
+#[test]
+fn a_fill_cut_off_by_the_stop_leaves_no_partial_blob() {
+    use common::fake::{Fake, Fault};
+    let mut up = Fake::start();
+    let data = big_blob();
+    let d = up.add_blob(&data);
+    // The upstream sends half the blob and then nothing: the fill is mid-way at SIGTERM.
+    up.set_fault(Fault::StallMidBlob);
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = format!("[[upstream]]\nname = \"fake.example\"\nurl = \"{}\"\n", up.url());
+    let mut b = support::start(dir, "grace_period = \"1s\"\n", &mirror);
+    let port = b.port;
+    let path = format!("/v2/fake.example/app/blobs/{d}");
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    });
+    let tmp = b.data_dir().join("tmp");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&tmp).unwrap().filter_map(|e| e.ok()).all(|e| e.metadata().map(|m| m.len()).unwrap_or(0) == 0) {
+        assert!(Instant::now() < deadline, "the fill never started writing:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&b, "TERM");
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).is_some(), "berth did not exit");
+    let got = client.join().unwrap();
+    assert!(got < data.len(), "the client cannot have received the whole blob");
+    // Restart with the upstream gone: only the store could answer now.
+    up.stop();
+    b.spawn();
+    let hex = &d["sha256:".len()..];
+    assert!(!b.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "a partial fill was published");
+    let leftovers: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(leftovers.is_empty(), "temp files survived the restart: {leftovers:?}");
+    let r = reqwest::blocking::get(format!("{}/v2/fake.example/app/blobs/{d}", b.url())).unwrap();
+    assert_ne!(r.status(), 200, "a blob was served with its upstream gone");
+}
