@@ -512,3 +512,29 @@ fn prometheus_evaluates_every_dashboard_query() {
     let v = query("berth_build_info");
     assert_eq!(v["data"]["result"].as_array().map(|a| a.len()), Some(1), "{v}");
 }
+
+#[test]
+fn a_port_in_use_is_a_clear_start_error() {
+    let a = Berth::start(HOSTED);
+    let dir = tempfile::tempdir().unwrap();
+    for (key, listen, admin) in [("server.listen", a.port, common::free_port()), ("server.admin_listen", common::free_port(), a.admin_port)]
+    {
+        let config = dir.path().join("berth.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n[storage]\nroot = \"{}\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let out = common::cmd::run(
+            std::process::Command::new(env!("CARGO_BIN_EXE_berth")).args(["serve", "--config"]).arg(&config),
+            Duration::from_secs(60),
+        );
+        assert!(!out.ok, "a second berth started on a port in use");
+        assert!(out.stderr.contains(key) && out.stderr.contains("cannot listen"), "{key}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+    assert_eq!(support::admin_status(&a, "/readyz"), Some(200), "the first berth is unharmed");
+}
