@@ -52,6 +52,14 @@ pub static RATELIMIT_REMAINING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+pub static AUTH_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_auth_rejected_total",
+        "Credentials refused, by reason: bad_credentials, invalid_token, throttled",
+        &["reason"]
+    )
+    .unwrap()
+});
 pub static STALE_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_stale_served_total", "Cached tags served while the upstream failed", &["upstream"]).unwrap()
 });
@@ -75,6 +83,9 @@ pub fn init(upstreams: &[String]) {
     }
     for c in ["cache", "hosted"] {
         STORE_BYTES.with_label_values(&[c]);
+    }
+    for r in ["bad_credentials", "invalid_token", "throttled"] {
+        AUTH_REJECTED.with_label_values(&[r]);
     }
     for u in upstreams {
         UPSTREAM_BYTES.with_label_values(&[u]);

@@ -304,6 +304,13 @@ fn repeated_failures_are_throttled() {
     assert!(r.headers().contains_key("retry-after"));
     // Anonymous access and tokens do not involve passwords and still work.
     assert_eq!(c.get(format!("{}/token?service=berth", b.url())).send().unwrap().status(), StatusCode::OK);
+    let metrics = c.get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
+    let value = |reason: &str| -> u64 {
+        let prefix = format!("berth_auth_rejected_total{{reason=\"{reason}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{prefix}missing:\n{metrics}")).parse().unwrap()
+    };
+    assert_eq!(value("bad_credentials"), 10);
+    assert_eq!(value("throttled"), 32);
 }
 
 #[test]

@@ -166,6 +166,15 @@ impl Auth {
 
     /// The caller behind an `Authorization` header (none: anonymous).
     pub async fn authenticate(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, Refusal> {
+        let r = self.authenticate_inner(authorization, client).await;
+        if let Err(e @ (Refusal::Throttled(_) | Refusal::InvalidToken(_))) = &r {
+            // Bad passwords are counted where they are checked, token requests included.
+            count(e);
+        }
+        r
+    }
+
+    async fn authenticate_inner(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, Refusal> {
         let Some(h) = authorization.filter(|h| !h.trim().is_empty()) else {
             return Ok(Caller::Anonymous);
         };
@@ -177,6 +186,7 @@ impl Auth {
             None => {
                 self.throttle.check(client_key(client)).map_err(Refusal::Throttled)?;
                 self.throttle.fail(client_key(client));
+                count(&Refusal::BadCredentials);
                 Err(Refusal::BadCredentials)
             }
         }
@@ -207,6 +217,7 @@ impl Auth {
             }
             _ => {
                 self.throttle.fail(ip);
+                count(&Refusal::BadCredentials);
                 tracing::info!(target: "auth", user, client = %ip, "rejected credentials");
                 Err(Refusal::BadCredentials)
             }
@@ -271,6 +282,15 @@ impl Auth {
     pub fn issue(&self, user: Option<&str>, access: Vec<Access>) -> Issued {
         self.tokens.issue(user, access)
     }
+}
+
+fn count(r: &Refusal) {
+    let reason = match r {
+        Refusal::Throttled(_) => "throttled",
+        Refusal::BadCredentials => "bad_credentials",
+        Refusal::InvalidToken(_) => "invalid_token",
+    };
+    crate::metrics::AUTH_REJECTED.with_label_values(&[reason]).inc();
 }
 
 /// Requests without a peer address (never over TCP) share one throttle bucket.

@@ -86,7 +86,10 @@ pub(super) async fn handle(
     if let Some((u, p)) = &user {
         match auth.check_password(u, p, req.client).await {
             Ok(()) => outcome.user = Some(u.clone()),
-            Err(Refusal::Throttled(wait)) => return Ok(throttled(wait)),
+            Err(Refusal::Throttled(wait)) => {
+                crate::metrics::AUTH_REJECTED.with_label_values(&["throttled"]).inc();
+                return Ok(throttled(wait));
+            }
             Err(_) => return Ok(unauthorized()),
         }
     }
