@@ -373,7 +373,10 @@ impl Config {
                 let p = Principal::parse(name);
                 if let Principal::User(u) = &p {
                     if !users.contains(u) {
-                        return Err(invalid(key, format!("user {u:?} is not in the htpasswd file (or use \"anonymous\" or \"authenticated\")")));
+                        return Err(invalid(
+                            key,
+                            format!("user {u:?} is not in the htpasswd file (or use \"anonymous\" or \"authenticated\")"),
+                        ));
                     }
                 }
                 out.push(p);
@@ -388,8 +391,9 @@ impl Config {
             let push = principals(format!("namespace[{i}].push"), &n.push)?;
             let default = Rules::hosted_default();
             policy.add_namespace(&n.prefix, Rules { pull: pull.unwrap_or(default.pull), push: push.unwrap_or(default.push) });
-            let policy = crate::store::policy::Policy::new(n.keep_tags, &n.keep_patterns, &n.immutable_tags, n.quota_bytes.map(|b| b.as_u64()))
-                .map_err(|e| invalid(format!("namespace[{i}]"), e))?;
+            let policy =
+                crate::store::policy::Policy::new(n.keep_tags, &n.keep_patterns, &n.immutable_tags, n.quota_bytes.map(|b| b.as_u64()))
+                    .map_err(|e| invalid(format!("namespace[{i}]"), e))?;
             namespaces.push(Namespace { prefix: n.prefix.clone(), policy });
         }
         let mut upstreams: Vec<Upstream> = Vec::new();
