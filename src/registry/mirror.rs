@@ -269,7 +269,9 @@ impl Mirror {
                 .header("Docker-Content-Digest", d.to_string())
                 .header("Content-Type", "application/octet-stream")
                 .header("X-Berth-Cache", "miss");
-            resp.content_length = r.content_length();
+            // Not `r.content_length()`: a HEAD response has an empty body, whose length is 0.
+            resp.content_length =
+                r.headers().get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
             outcome.cache = Some("miss");
             return Ok(resp);
         }

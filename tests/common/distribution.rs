@@ -49,12 +49,20 @@ pub enum HttpBody {
 pub struct HttpResp {
     pub status: u16,
     pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
     pub body: HttpBody,
 }
 
 impl HttpResp {
     pub fn json(status: u16, v: serde_json::Value) -> HttpResp {
-        HttpResp { status, content_type: "application/json", body: HttpBody::Bytes(serde_json::to_vec(&v).unwrap()) }
+        HttpResp::bytes(status, "application/json", serde_json::to_vec(&v).unwrap())
+    }
+    pub fn bytes(status: u16, content_type: &'static str, body: Vec<u8>) -> HttpResp {
+        HttpResp { status, content_type, headers: Vec::new(), body: HttpBody::Bytes(body) }
+    }
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> HttpResp {
+        self.headers.push((name, value.into()));
+        self
     }
 }
 
@@ -129,7 +137,12 @@ fn serve_one(conn: TcpStream, handler: &(dyn Fn(&HttpReq) -> HttpResp + Send + S
             }
         },
     };
-    write!(out, "HTTP/1.1 {} X\r\nContent-Type: {}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n", resp.status, resp.content_type)?;
+    let mut head =
+        format!("HTTP/1.1 {} X\r\nContent-Type: {}\r\nContent-Length: {len}\r\nConnection: close\r\n", resp.status, resp.content_type);
+    for (k, v) in &resp.headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    out.write_all(format!("{head}\r\n").as_bytes())?;
     if req.method != "HEAD" {
         match (resp.body, file) {
             (HttpBody::Bytes(b), _) => out.write_all(&b)?,
@@ -233,9 +246,9 @@ impl StaticFiles {
             }
             let rel = req.path().trim_start_matches('/');
             if rel.split('/').any(|c| c == "..") {
-                return HttpResp { status: 400, content_type: "text/plain", body: HttpBody::Bytes(Vec::new()) };
+                return HttpResp::bytes(400, "text/plain", Vec::new());
             }
-            HttpResp { status: 200, content_type: "application/octet-stream", body: HttpBody::File(root2.join(rel)) }
+            HttpResp { status: 200, content_type: "application/octet-stream", headers: Vec::new(), body: HttpBody::File(root2.join(rel)) }
         });
         StaticFiles { server: HttpServer::start(handler), root: root.to_path_buf(), log, with_auth }
     }

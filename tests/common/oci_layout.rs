@@ -38,6 +38,8 @@ pub struct Layout {
     pub tag: String,
     pub index: String,
     pub images: Vec<PlatformImage>,
+    /// Size of every blob in the layout, by digest.
+    pub sizes: std::collections::BTreeMap<String, u64>,
 }
 
 impl Layout {
@@ -158,5 +160,10 @@ pub fn multi_arch(dir: &Path, tag: &str, label: &str) -> Layout {
     let top = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    Layout { dir: dir.to_path_buf(), tag: tag.to_string(), index: index_digest, images }
+    let sizes = std::fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (format!("sha256:{}", e.file_name().to_string_lossy()), e.metadata().unwrap().len()))
+        .collect();
+    Layout { dir: dir.to_path_buf(), tag: tag.to_string(), index: index_digest, images, sizes }
 }
