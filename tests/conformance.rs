@@ -1383,10 +1383,12 @@ fn error_blob_unknown() {
     let reg = start();
     reg.push_blob("team/app", b"something");
     let d = digest(b"not here");
+    let before = reg.snapshot();
     assert_error(reg.get(&format!("/v2/team/app/blobs/{d}")), 404, "BLOB_UNKNOWN");
     assert_eq!(reg.head(&format!("/v2/team/app/blobs/{d}")).status(), 404);
     assert_error(reg.delete(&format!("/v2/team/app/blobs/{d}")), 404, "BLOB_UNKNOWN");
     assert_error(reg.get(&format!("/v2/team/nothing/blobs/{d}")), 404, "BLOB_UNKNOWN");
+    assert_eq!(reg.snapshot(), before);
 }
 
 #[test]
@@ -1416,6 +1418,7 @@ fn error_manifest_unknown() {
     let reg = start();
     reg.push_image("team/app", "v1", "mu");
     let d = digest(b"no manifest");
+    let before = reg.snapshot();
     for path in ["/v2/team/app/manifests/v2".to_string(), format!("/v2/team/app/manifests/{d}")] {
         let v = assert_error(reg.get(&path), 404, "MANIFEST_UNKNOWN");
         assert_eq!(v["errors"][0]["detail"]["name"], "team/app");
@@ -1424,6 +1427,7 @@ fn error_manifest_unknown() {
     }
     assert_error(reg.get("/v2/team/empty/manifests/v1"), 404, "MANIFEST_UNKNOWN");
     assert_eq!(reg.tags("team/app"), ["v1"]);
+    assert_eq!(reg.snapshot(), before);
 }
 
 #[test]
