@@ -36,9 +36,14 @@ pub struct Progress {
     pub done: Option<Result<(), OciError>>,
 }
 
+/// Opens the upstream body from a byte offset. A fill opens it once from 0; when the disk is
+/// full, each reader opens it again from where it got to and streams the rest uncached.
+pub type Opener = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<Source, OciError>> + Send + Sync>;
+
 pub struct Fill {
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
+    open: Opener,
 }
 
 type Key = (String, Digest);
@@ -63,7 +68,7 @@ impl Fills {
         digest: &Digest,
         stall_timeout: Duration,
         source_label: &'static str,
-        open: impl FnOnce() -> BoxFuture<'static, Result<Source, OciError>>,
+        open: Opener,
     ) -> Result<(Arc<Fill>, bool), OciError> {
         let key = (repo.to_string(), digest.clone());
         let mut active = self.active.lock();
@@ -73,18 +78,21 @@ impl Fills {
         let writer = store.writer(digest.algorithm())?;
         let file = Arc::new(File::open(writer.path())?);
         let (tx, rx) = watch::channel(Progress::default());
-        let fill = Arc::new(Fill { file, progress: rx });
+        let fill = Arc::new(Fill { file, progress: rx, open: open.clone() });
         active.insert(key.clone(), fill.clone());
         drop(active);
         let fills = self.clone();
         let store = store.clone();
-        let source = open();
+        let source = open(0);
         metrics::FILLS_IN_FLIGHT.inc();
         tokio::spawn(async move {
             let result = run(&store, &key, writer, source, &tx, stall_timeout).await;
             if let Err(e) = &result {
                 if e.code == ErrorCode::DigestInvalid {
                     metrics::DIGEST_MISMATCH.with_label_values(&[source_label]).inc();
+                }
+                if e.code == ErrorCode::InsufficientStorage {
+                    metrics::FILLS_UNCACHED.inc();
                 }
                 tracing::warn!(digest = %key.1, error = %e, "fill failed; nothing cached");
             }
@@ -171,28 +179,63 @@ impl Fill {
             pos: u64,
             end: Option<u64>,
             finished: bool,
+            direct: Option<BoxStream<'static, Result<Bytes, OciError>>>,
         }
-        let st = St { fill: self.clone(), rx: self.progress.clone(), pos: start, end, finished: false };
+        let st = St { fill: self.clone(), rx: self.progress.clone(), pos: start, end, finished: false, direct: None };
         futures::stream::unfold(st, |mut st| async move {
             if st.finished {
                 return None;
             }
             loop {
-                let (limit, verified) = {
+                if let Some(direct) = st.direct.as_mut() {
+                    // The disk is full: the rest comes straight from upstream, uncached.
+                    let want = st.end.map(|e| e - st.pos);
+                    return match direct.next().await {
+                        _ if want == Some(0) => None,
+                        None => None,
+                        Some(Err(e)) => {
+                            st.finished = true;
+                            Some((Err(std::io::Error::other(e.to_string())), st))
+                        }
+                        Some(Ok(mut b)) => {
+                            if let Some(w) = want {
+                                b.truncate(w.min(b.len() as u64) as usize);
+                            }
+                            st.pos += b.len() as u64;
+                            Some((Ok(b), st))
+                        }
+                    };
+                }
+                let seen: Result<(u64, bool, Option<u64>), OciError> = {
                     let p = st.rx.borrow_and_update();
-                    if let Some(Err(e)) = &p.done {
-                        let err = std::io::Error::other(e.to_string());
-                        drop(p);
-                        st.finished = true;
-                        return Some((Err(err), st));
+                    match &p.done {
+                        Some(Err(e)) => Err(e.clone()),
+                        _ => {
+                            let verified = matches!(p.done, Some(Ok(())));
+                            // Hold back the final byte until the digest verifies.
+                            let avail = if verified { p.written } else { p.written.saturating_sub(1) };
+                            let end = st.end.or(if verified { Some(p.written) } else { None });
+                            Ok((end.map_or(avail, |e| e.min(avail)), verified, end))
+                        }
                     }
-                    let verified = matches!(p.done, Some(Ok(())));
-                    // Hold back the final byte until the digest verifies.
-                    let avail = if verified { p.written } else { p.written.saturating_sub(1) };
-                    let end = st.end.or(if verified { Some(p.written) } else { None });
-                    (end.map_or(avail, |e| e.min(avail)), (verified, end))
                 };
-                let (verified, end) = verified;
+                let (limit, verified, end) = match seen {
+                    Ok(x) => x,
+                    Err(e) if e.code == ErrorCode::InsufficientStorage => match (st.fill.open)(st.pos).await {
+                        Ok(src) => {
+                            st.direct = Some(src.body);
+                            continue;
+                        }
+                        Err(e2) => {
+                            st.finished = true;
+                            return Some((Err(std::io::Error::other(e2.to_string())), st));
+                        }
+                    },
+                    Err(e) => {
+                        st.finished = true;
+                        return Some((Err(std::io::Error::other(e.to_string())), st));
+                    }
+                };
                 if st.pos < limit {
                     let n = (limit - st.pos).min(CHUNK) as usize;
                     let f = st.fill.file.clone();
@@ -270,15 +313,17 @@ mod tests {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let chunks: Vec<_> = data.chunks(CHUNK as usize).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         let n = chunks.len();
-        let mut opened = 0;
-        let (f1, started1) = fills
-            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
-                opened += 1;
-                source(chunks, Some(data.len() as u64), gate.clone())
-            })
-            .unwrap();
-        let (f2, started2) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || unreachable!()).unwrap();
-        assert!(started1 && !started2 && opened == 1);
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = data.len() as u64;
+        let chunks = Arc::new(parking_lot::Mutex::new(Some(chunks)));
+        let (o, g) = (opened.clone(), gate.clone());
+        let opener: Opener = Arc::new(move |_| {
+            o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            source(chunks.lock().take().unwrap(), Some(total), g.clone())
+        });
+        let (f1, started1) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", opener.clone()).unwrap();
+        let (f2, started2) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", opener).unwrap();
+        assert!(started1 && !started2 && opened.load(std::sync::atomic::Ordering::SeqCst) == 1);
         let mut s1 = f1.stream(0, None);
         let r2 = tokio::spawn(collect(f2.stream(0, None)));
         // First chunk released: the follower gets bytes while the fill is still running.
@@ -305,8 +350,9 @@ mod tests {
         let d = Digest::sha256_of(b"right");
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (f, _) = fills
-            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
-                source(vec![Ok(Bytes::from_static(b"wrong"))], Some(5), gate.clone())
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", {
+                let g = gate.clone();
+                Arc::new(move |_| source(vec![Ok(Bytes::from_static(b"wrong"))], Some(5), g.clone()))
             })
             .unwrap();
         gate.add_permits(1);
@@ -326,8 +372,9 @@ mod tests {
         let d = Digest::sha256_of(&data);
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let (f, _) = fills
-            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", || {
-                source(vec![Ok(Bytes::from_static(b"01234")), Ok(Bytes::from_static(b"56789"))], Some(10), gate.clone())
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", {
+                let g = gate.clone();
+                Arc::new(move |_| source(vec![Ok(Bytes::from_static(b"01234")), Ok(Bytes::from_static(b"56789"))], Some(10), g.clone()))
             })
             .unwrap();
         let r = tokio::spawn(collect(f.stream(2, Some(7))));

@@ -2,8 +2,8 @@
 //! digest.
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, TextEncoder,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
 };
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -37,6 +37,10 @@ pub static SERVED_BYTES: LazyLock<IntCounterVec> =
     LazyLock::new(|| register_int_counter_vec!("berth_served_bytes_total", "Body bytes served, by source", &["source"]).unwrap());
 pub static FILLS_IN_FLIGHT: LazyLock<IntGauge> =
     LazyLock::new(|| register_int_gauge!("berth_fills_in_flight", "Upstream blob fills in progress").unwrap());
+pub static FILLS_UNCACHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("berth_fills_uncached_total", "Fills that could not be written to disk (full) and streamed to clients uncached")
+        .unwrap()
+});
 pub static DIGEST_MISMATCH: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_digest_mismatch_total", "Content whose digest did not verify, never cached", &["source"]).unwrap()
 });
@@ -95,6 +99,7 @@ pub fn init(upstreams: &[String]) {
         UPSTREAM_REQUESTS.with_label_values(&[u.as_str(), "200"]);
     }
     LazyLock::force(&FILLS_IN_FLIGHT);
+    LazyLock::force(&FILLS_UNCACHED);
     LazyLock::force(&UPLOADS_IN_PROGRESS);
     HTTP_REQUESTS.with_label_values(&["GET", "base", "200"]);
     HTTP_DURATION.with_label_values(&["base"]);

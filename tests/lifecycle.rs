@@ -430,3 +430,34 @@ fn namespace_policies_retention_immutability_quota() {
     assert!(!b.data_dir().join("blobs/sha256").join(&hex[..2]).join(&hex).exists());
     assert_eq!(push_blob(&c, &base, "team/big", &too_much).status(), 201, "other namespaces are not limited");
 }
+
+#[test]
+fn full_disk_fill_still_streams_to_clients_uncached() {
+    if !common::require("mount") {
+        return;
+    }
+    let fake = Fake::start();
+    let blob: Vec<u8> = (0..(5 << 20)).map(|i| (i % 241) as u8).collect();
+    let d = fake.add_blob(&blob);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    }
+    let _guard = Tmpfs(data.clone());
+    let b = Berth::start_in(dir, &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
+    let c = client();
+    for _ in 0..2 {
+        let r = c.get(format!("{}/v2/library/big/blobs/{d}", b.url())).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(common::digest(&r.bytes().unwrap()), d, "the client gets every byte although the disk is full");
+    }
+    assert!(store_files(&b.data_dir().join("blobs")).is_empty(), "nothing cached");
+    assert!(store_files(&b.data_dir().join("tmp")).is_empty(), "no partial file left");
+    let m = c.get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
+    assert!(m.lines().any(|l| l.starts_with("berth_fills_uncached_total ") && !l.ends_with(" 0")), "counted");
+}

@@ -279,31 +279,58 @@ impl Mirror {
         let repo2 = repo.clone();
         let timeout = upstream.timeout;
         let up_name = upstream.name.clone();
-        let (fill, started) = self.fills.join_or_start(&self.store, key, d, timeout, "blob", move || {
+        let opener: crate::fill::Opener = Arc::new(move |from: u64| {
+            let (client, repo2, d2, up_name) = (client.clone(), repo2.clone(), d2.clone(), up_name.clone());
             async move {
                 let path = format!("/v2/{repo2}/blobs/{d2}");
-                let r = client.send(Method::GET, repo2.as_str(), &path, None).await.map_err(|e| e.to_oci(&up_name))?;
+                let r = client.send_from(Method::GET, repo2.as_str(), &path, None, from).await.map_err(|e| e.to_oci(&up_name))?;
+                // An upstream that ignores Range answers 200 with the whole body: skip ahead.
+                let mut skip = 0u64;
                 match r.status().as_u16() {
-                    200 => {}
+                    200 => skip = from,
+                    206 if from > 0 => {}
                     404 => return Err(OciError::msg(ErrorCode::BlobUnknown, format!("blob {d2} is not in {up_name}/{repo2}"))),
                     s => {
                         let body = r.text().await.unwrap_or_default();
                         return Err(UpstreamError::Status(s, body).to_oci(&up_name));
                     }
                 }
-                let total = r.content_length();
+                let total = r.content_length().map(|n| n.saturating_sub(skip));
                 let label = up_name.clone();
                 let body = r
                     .bytes_stream()
                     .map(move |c| {
-                        c.inspect(|b| metrics::UPSTREAM_BYTES.with_label_values(&[label.as_str()]).inc_by(b.len() as u64))
-                            .map_err(|e| OciError::msg(ErrorCode::UpstreamUnavailable, format!("upstream body interrupted: {e}")))
+                        let mut b = c
+                            .inspect(|b| metrics::UPSTREAM_BYTES.with_label_values(&[label.as_str()]).inc_by(b.len() as u64))
+                            .map_err(|e| OciError::msg(ErrorCode::UpstreamUnavailable, format!("upstream body interrupted: {e}")))?;
+                        let drop_now = skip.min(b.len() as u64);
+                        skip -= drop_now;
+                        Ok(b.split_off(drop_now as usize))
                     })
+                    .filter(|r| futures::future::ready(r.as_ref().map_or(true, |b| !b.is_empty())))
                     .boxed();
                 Ok(Source { total, body })
             }
             .boxed()
-        })?;
+        });
+        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", opener.clone()) {
+            Ok(x) => x,
+            Err(e) if e.code == ErrorCode::InsufficientStorage => {
+                // Not even a temp file fits: stream straight from upstream, uncached.
+                metrics::FILLS_UNCACHED.inc();
+                let src = opener(0).await?;
+                outcome.cache = Some("miss");
+                return Ok(Response::new(200)
+                    .header("Docker-Content-Digest", d.to_string())
+                    .header("Content-Type", "application/octet-stream")
+                    .header("X-Berth-Cache", "uncached")
+                    .body(Body::Stream {
+                        stream: src.body.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))).boxed(),
+                        len: src.total,
+                    }));
+            }
+            Err(e) => return Err(e),
+        };
         let result = if started { "miss" } else { "coalesced" };
         count(result);
         outcome.cache = Some(result);

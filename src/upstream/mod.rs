@@ -138,12 +138,27 @@ impl Client {
     /// Sends a request for `repo` (the upstream's repository name), authenticating as the
     /// upstream demands. Returns the response with any status; transport failures are errors.
     pub async fn send(&self, method: Method, repo: &str, path: &str, accept: Option<&str>) -> Result<reqwest::Response, UpstreamError> {
+        self.send_from(method, repo, path, accept, 0).await
+    }
+
+    /// As `send`, asking for the body from byte `from` on (`Range`) when it is not zero.
+    pub async fn send_from(
+        &self,
+        method: Method,
+        repo: &str,
+        path: &str,
+        accept: Option<&str>,
+        from: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut retried = false;
         loop {
             let mut headers = HeaderMap::new();
             if let Some(a) = accept {
                 headers.insert(ACCEPT, HeaderValue::from_str(a).expect("accept is ascii"));
+            }
+            if from > 0 {
+                headers.insert(reqwest::header::RANGE, HeaderValue::from_str(&format!("bytes={from}-")).expect("range is ascii"));
             }
             if let Some(auth) = self.auth_for(&scope) {
                 headers.insert(AUTHORIZATION, auth);
