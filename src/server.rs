@@ -184,6 +184,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
         let namespaces = config.namespaces.clone();
         let is_hosted = Arc::new(move |repo: &str| namespaces.iter().any(|n| n.matches(repo)));
         Admin::new(health.clone(), store.clone(), is_hosted)
+            .with_registry(registry.clone())
             .spawn(listener)
             .map_err(|e| StartError::Server(format!("admin listener: {e}")))?;
     }

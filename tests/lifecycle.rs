@@ -461,3 +461,27 @@ fn full_disk_fill_still_streams_to_clients_uncached() {
     let m = c.get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();
     assert!(m.lines().any(|l| l.starts_with("berth_fills_uncached_total ") && !l.ends_with(" 0")), "counted");
 }
+
+#[test]
+fn gc_command_runs_inside_a_running_server() {
+    let mut b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_grace = \"0s\"\n");
+    std::fs::write(&b.config_path, cfg).unwrap();
+    b.restart();
+    let c = client();
+    let (s, md, ld) = push_image(&c, &b.url(), "team/app", "old", &vec![5u8; 40_000]);
+    assert_eq!(s, 201);
+    let (s, _, keep) = push_image(&c, &b.url(), "team/app", "new", &vec![6u8; 40_000]);
+    assert_eq!(s, 201);
+    assert_eq!(c.delete(format!("{}/v2/team/app/manifests/{md}", b.url())).send().unwrap().status(), 202);
+    let (rc, out) = berth_cmd(&["gc"], &b.config_path);
+    assert_eq!(rc, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(report["blobs_removed"].as_u64().unwrap() >= 2, "{out}");
+    // The running server saw the collection: the swept layer is gone, the kept one served.
+    assert_eq!(c.get(format!("{}/v2/team/app/blobs/{ld}", b.url())).send().unwrap().status(), 404);
+    let r = c.get(format!("{}/v2/team/app/blobs/{keep}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(common::digest(&r.bytes().unwrap()), keep);
+    assert_eq!(c.get(format!("{}/v2/team/app/manifests/new", b.url())).send().unwrap().status(), 200);
+}

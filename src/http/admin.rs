@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `POST /gc` (what `berth gc` calls
+//! so that collection runs under the server's own locks and index).
 //!
 //! It runs on a thread and runtime of its own, outside pingora's services: pingora stops every
 //! service's accept loop the moment a graceful shutdown starts, and `/readyz` has to keep
@@ -37,11 +38,19 @@ pub struct Admin {
     /// Is this repository in a hosted namespace (as opposed to a mirror's cache)?
     pub is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     usage_at: Mutex<Option<Instant>>,
+    registry: Option<Arc<crate::registry::Registry>>,
 }
 
 impl Admin {
     pub fn new(health: Arc<Health>, store: Arc<Store>, is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>) -> Arc<Admin> {
-        Arc::new(Admin { health, store, is_hosted, usage_at: Mutex::new(None) })
+        Arc::new(Admin { health, store, is_hosted, usage_at: Mutex::new(None), registry: None })
+    }
+
+    /// Enables `POST /gc` against this registry.
+    pub fn with_registry(self: Arc<Self>, registry: Arc<crate::registry::Registry>) -> Arc<Admin> {
+        let mut a = Arc::into_inner(self).expect("admin not shared yet");
+        a.registry = Some(registry);
+        Arc::new(a)
     }
 
     /// Serves the admin endpoints on `listener` from a thread of its own until the process ends.
@@ -94,7 +103,20 @@ impl Admin {
             return None;
         }
         let path = session.req_header().uri.path().to_string();
+        let is_post = session.req_header().method == http::Method::POST;
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
         let (status, ctype, body) = match path.as_str() {
+            "/gc" if !is_post => (405, "text/plain", "use POST\n".to_string()),
+            "/gc" => match &self.registry {
+                None => (503, "text/plain", "no registry\n".to_string()),
+                Some(reg) => {
+                    let dry_run = crate::oci::route::query_param(Some(&query), "dry_run").is_some_and(|v| v == "true" || v == "1");
+                    match reg.gc(dry_run).await {
+                        Ok(r) => (200, "application/json", serde_json::to_string_pretty(&r).expect("report serializes")),
+                        Err(e) => (500, "text/plain", format!("gc failed: {e}\n")),
+                    }
+                }
+            },
             "/metrics" => {
                 self.refresh_gauges().await;
                 (200, "text/plain; version=0.0.4", metrics::render())
