@@ -4,9 +4,9 @@
 
 use super::Store;
 use crate::oci::manifest;
-use crate::oci::{Digest, Hasher};
+use crate::oci::Digest;
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 
 #[derive(Debug, Default)]
 pub struct FsckReport {
@@ -33,17 +33,7 @@ impl Store {
                         continue;
                     };
                     rep.blobs_checked += 1;
-                    let mut h = Hasher::new(d.algorithm());
-                    let mut file = fs::File::open(f.path())?;
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        let n = file.read(&mut buf)?;
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                    }
-                    let actual = h.finish();
+                    let actual = super::hash_file(&f.path(), d.algorithm())?;
                     if actual != d || !name.starts_with(prefix.file_name().to_string_lossy().as_ref()) {
                         rep.problems.push(format!("blob {d} has content {actual}"));
                         bad_blobs.push((f.path(), Some(d)));
