@@ -245,19 +245,24 @@ fn skopeo_pulls_path_prefix_form_from_basic_auth_upstream_that_redirects_blobs()
     assert_eq!(ghcr.access().len(), reg_before, "{:#?}", since(&ghcr, reg_before));
     assert_eq!(files.requests().len(), cdn_before);
 
-    // tags/list passes through to the upstream; _catalog lists what berth has cached.
+    // tags/list passes through to the upstream, which has tags berth never pulled; _catalog
+    // lists what berth has cached.
+    for tag in ["v2", "v3"] {
+        ghcr.retag("acme/tool", "v1", tag);
+    }
     let tags = cmd::run(
         Command::new("skopeo").args(["list-tags", "--tls-verify=false", &format!("docker://{}/ghcr.io/acme/tool", berth.host())]),
         Duration::from_secs(60),
     )
     .expect_ok();
     let tags: serde_json::Value = serde_json::from_str(&tags.stdout).unwrap();
-    assert_eq!(tags["Tags"], serde_json::json!(["v1"]));
+    assert_eq!(tags["Tags"], serde_json::json!(["v1", "v2", "v3"]));
     assert_eq!(count(&since(&ghcr, reg_before), "GET", "/v2/acme/tool/tags/list"), 1);
     let catalog: serde_json::Value = reqwest::blocking::get(format!("{}/v2/_catalog", berth.url())).unwrap().json().unwrap();
     assert_eq!(catalog["repositories"], serde_json::json!(["ghcr.io/acme/tool"]));
 
-    // Upstream gone: the image still pulls from the cache, and tags/list answers from it.
+    // Upstream gone: the image still pulls from the cache, and tags/list answers with the
+    // tags berth has cached.
     ghcr.stop();
     pull("third");
     let tags = reqwest::blocking::get(format!("{}/v2/ghcr.io/acme/tool/tags/list", berth.url())).unwrap();

@@ -374,11 +374,15 @@ impl Mirror {
         }
         match client.send(Method::GET, repo.as_str(), &path, None).await {
             Ok(r) if r.status().is_success() => {
+                let next_page = r.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(|l| next_page(l, req));
                 let body = tokio::time::timeout(upstream.timeout, r.bytes())
                     .await
                     .map_err(|_| UpstreamError::Timeout.to_oci(&upstream.name))?
                     .map_err(|e| UpstreamError::Unreachable(e.to_string()).to_oci(&upstream.name))?;
-                Ok(Response::new(200).json(body))
+                Ok(match next_page {
+                    Some(link) => Response::new(200).json(body).header("Link", link),
+                    None => Response::new(200).json(body),
+                })
             }
             Ok(r) if r.status().as_u16() == 404 => {
                 Err(OciError::msg(ErrorCode::NameUnknown, format!("{}/{repo} does not exist upstream", upstream.name)))
@@ -411,6 +415,23 @@ impl Mirror {
         let body = serde_json::json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": list});
         Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(serde_json::to_vec(&body).expect("json").into())))
     }
+}
+
+/// The upstream's `Link: <...?n=&last=>; rel="next"` rewritten to the same page of the path
+/// the client asked: the upstream's path names the repository as the upstream knows it, which
+/// does not route back through berth.
+fn next_page(link: &str, req: &Request<'_>) -> Option<String> {
+    if !link.contains("rel=\"next\"") {
+        return None;
+    }
+    let target = link.split_once('<')?.1.split_once('>')?.0;
+    let query = target.split_once('?')?.1;
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    q.extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "n" || k == "last"));
+    if let Some(ns) = req.param("ns") {
+        q.append_pair("ns", &ns);
+    }
+    Some(format!("<{}?{}>; rel=\"next\"", req.path, q.finish()))
 }
 
 async fn fetch_manifest(

@@ -405,6 +405,23 @@ impl Registry {
         super::cmd::run(&mut cmd, Duration::from_secs(120)).expect_ok();
     }
 
+    /// Tags the manifest `repo:from` also as `repo:to`, through the registry's API.
+    pub fn retag(&self, repo: &str, from: &str, to: &str) {
+        let c = reqwest::blocking::Client::new();
+        let auth = |r: reqwest::blocking::RequestBuilder| match &self.creds {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        };
+        let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+        let r = auth(c.get(format!("{}/v2/{repo}/manifests/{from}", self.url())).header("Accept", accept)).send().unwrap();
+        assert_eq!(r.status(), 200, "GET {repo}:{from}");
+        let media_type = r.headers()["content-type"].clone();
+        let bytes = r.bytes().unwrap();
+        let r =
+            auth(c.put(format!("{}/v2/{repo}/manifests/{to}", self.url())).header("Content-Type", media_type).body(bytes)).send().unwrap();
+        assert_eq!(r.status(), 201, "PUT {repo}:{to}");
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
