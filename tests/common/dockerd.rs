@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// Nothing listens on port 1 of loopback: connections are refused immediately.
 pub const DEAD_PROXY: &str = "http://127.0.0.1:1";
 
+/// Where a containerd run by the system listens; dockerd uses it rather than start its own.
+const SYSTEM_CONTAINERD: &str = "/run/containerd/containerd.sock";
+
 const CLIENT_LIMIT: Duration = Duration::from_secs(180);
 
 pub fn no_internet(cmd: &mut Command) -> &mut Command {
@@ -67,6 +70,11 @@ impl Dockerd {
         if let Some(m) = mirror {
             cmd.arg(format!("--registry-mirror={m}"));
         }
+        // dockerd attaches to a containerd already running at the system path instead of
+        // starting its own (a CI machine where the packages started their services): a
+        // namespace of its own keeps its containers apart from everyone else's there.
+        let ns: String = dir.path().file_name().unwrap().to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        cmd.arg(format!("--containerd-namespace=berth-test-{ns}")).arg(format!("--containerd-plugins-namespace=berth-test-{ns}-plugins"));
         cmd.args(flags);
         no_internet(&mut cmd);
         let child =
@@ -97,9 +105,14 @@ impl Dockerd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The containerd that dockerd started for itself.
+    /// The containerd that dockerd started for itself, or the system's that it attached to.
     pub fn containerd_sock(&self) -> PathBuf {
-        self.dir.path().join("exec/containerd/containerd.sock")
+        let own = self.dir.path().join("exec/containerd/containerd.sock");
+        if own.exists() || !std::path::Path::new(SYSTEM_CONTAINERD).exists() {
+            own
+        } else {
+            PathBuf::from(SYSTEM_CONTAINERD)
+        }
     }
 
     fn docker_cmd(&self) -> Command {
