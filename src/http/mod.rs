@@ -3,6 +3,7 @@
 //! `registry`, bytes in `store`.
 
 pub mod admin;
+mod sendfile;
 
 use crate::metrics;
 use crate::oci::{ErrorCode, OciError};
@@ -14,6 +15,7 @@ use pingora::apps::{HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -187,6 +189,40 @@ async fn drain_unread_body(session: &mut ServerSession) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
+/// Smaller files go through the buffered path: one chunk, no descriptor juggling.
+const ZERO_COPY_MIN: u64 = 64 << 10;
+
+/// The socket of a plain-text HTTP/1 session; `None` for TLS and HTTP/2, whose bytes must go
+/// through pingora.
+fn plain_http1_fd(session: &ServerSession) -> Option<std::os::fd::RawFd> {
+    if session.is_http2() || session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+        return None;
+    }
+    Some(session.stream()?.id())
+}
+
+/// Plain HTTP/1 blob bodies go from the page cache to the socket with sendfile(2): no copy
+/// through user space and no blocking-pool hop per chunk.
+async fn write_file_zero_copy(
+    session: &mut ServerSession,
+    header: Box<ResponseHeader>,
+    fd: std::os::fd::RawFd,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> Result<u64, String> {
+    // pingora counts body bytes through its own writer and will not finish a response whose
+    // Content-Length it did not see written. Answering as if to HEAD makes it send our header
+    // (Content-Length included) and expect no body, so the connection stays reusable after we
+    // send the body ourselves.
+    let method = session.req_header().method.clone();
+    session.req_header_mut().set_method(http::Method::HEAD);
+    let wrote = session.write_response_header(header).await;
+    session.req_header_mut().set_method(method);
+    wrote.map_err(|e| e.to_string())?;
+    sendfile::send(fd, file, offset, len).await.map_err(|e| format!("sending blob: {e}"))
+}
+
 /// Writes a response; returns the body bytes sent.
 pub async fn write_response(session: &mut ServerSession, resp: Response, head_only: bool) -> Result<u64, String> {
     let Response { status, headers, body, content_length } = resp;
@@ -200,6 +236,13 @@ pub async fn write_response(session: &mut ServerSession, resp: Response, head_on
         Some(n) => h.insert_header("Content-Length", n.to_string()).map_err(|e| e.to_string())?,
         None if !head_only => h.insert_header("Transfer-Encoding", "chunked").map_err(|e| e.to_string())?,
         None => {}
+    }
+    let zero_copy = match (&body, head_only) {
+        (Body::File { len, .. }, false) if *len >= ZERO_COPY_MIN => plain_http1_fd(session),
+        _ => None,
+    };
+    if let (Some(fd), Body::File { file, offset, len }) = (zero_copy, &body) {
+        return write_file_zero_copy(session, Box::new(h), fd, file, *offset, *len).await;
     }
     session.write_response_header(Box::new(h)).await.map_err(|e| e.to_string())?;
     if head_only {
