@@ -780,6 +780,43 @@ fn push_oci_index_multi_arch_and_nested() {
 }
 
 #[test]
+fn push_artifacts_and_custom_fields() {
+    // The newer suite's data sets: an artifact, an artifact without layers, an artifact index,
+    // and manifests carrying fields no spec defines. All stored and served as pushed.
+    let reg = start();
+    let empty = b"{}".to_vec();
+    let payload = b"sbom contents".to_vec();
+    reg.push_blob("team/art", &empty);
+    reg.push_blob("team/art", &payload);
+    let artifact = serde_json::to_vec_pretty(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.sbom", "config": descriptor(OCI_EMPTY, &empty),
+        "layers": [descriptor("application/spdx+json", &payload)], "org.example.custom": {"any": ["thing", 1]}}))
+    .unwrap();
+    let bare = serde_json::to_vec_pretty(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.signal", "config": descriptor(OCI_EMPTY, &empty), "layers": [],
+        "annotations": {"org.example.note": "no layers at all"}}))
+    .unwrap();
+    let art_index = serde_json::to_vec_pretty(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "artifactType": "application/vnd.example.bundle",
+        "manifests": [descriptor(OCI_MANIFEST, &artifact), descriptor(OCI_MANIFEST, &bare)], "org.example.custom": true}))
+    .unwrap();
+    for (tag, mt, body) in [("sbom", OCI_MANIFEST, &artifact), ("bare", OCI_MANIFEST, &bare), ("bundle", OCI_INDEX, &art_index)] {
+        let d = reg.put_manifest_ok("team/art", tag, mt, body);
+        let g = reg.get(&format!("/v2/team/art/manifests/{tag}"));
+        assert_eq!(header(&g, "content-type"), mt);
+        assert_eq!(header(&g, "docker-content-digest"), d);
+        assert_eq!(g.bytes().unwrap().as_ref(), body.as_slice());
+    }
+    // An uncompressed layer type is just another blob.
+    let tar = random_bytes(1024, 15);
+    reg.push_blob("team/art", &tar);
+    let config = br#"{"os":"linux"}"#.to_vec();
+    reg.push_blob("team/art", &config);
+    let m = image_manifest(OCI_MANIFEST, OCI_CONFIG, &config, &[("application/vnd.oci.image.layer.v1.tar", &tar)]);
+    reg.put_manifest_ok("team/art", "uncompressed", OCI_MANIFEST, &m);
+}
+
+#[test]
 fn push_manifest_with_no_layers_and_unknown_fields() {
     let reg = start();
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
@@ -1244,6 +1281,16 @@ fn error_digest_invalid_on_upload_commit() {
     let loc = reg.open_upload("team/app");
     let r = reg.req(Method::PATCH, &loc).body(reqwest::blocking::Body::new(std::io::Cursor::new(data.clone()))).send().unwrap();
     assert_error(reg.req(Method::PUT, &format!("{}?digest={wrong}", location(&r))).send().unwrap(), 400, "DIGEST_INVALID");
+    // The last chunk riding on the PUT.
+    let loc = reg.open_upload("team/app");
+    let loc = location(&patch(&reg, &loc, &data[..5000], 0));
+    let r = reg
+        .req(Method::PUT, &format!("{loc}?digest={wrong}"))
+        .header("Content-Range", format!("5000-{}", data.len() - 1))
+        .body(data[5000..].to_vec())
+        .send()
+        .unwrap();
+    assert_error(r, 400, "DIGEST_INVALID");
     // Malformed digests and a commit without one.
     let loc = reg.open_upload("team/app");
     for bad in ["sha256:abc".to_string(), "sha256".into(), "sha256:".into(), format!("sha256:{}", "G".repeat(64))] {
