@@ -396,9 +396,11 @@ fn namespace_policies_retention_immutability_quota() {
         "[[namespace]]\nprefix = \"team\"\nkeep_tags = 2\nkeep_patterns = [\"v*\"]\nimmutable_tags = [\"v*\"]\n\n[[namespace]]\nprefix = \"small\"\nquota_bytes = \"20KiB\"\n",
     );
     let cfg =
-        std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_interval = \"200ms\"\ngc_grace = \"0s\"\n");
+        std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_interval = \"200ms\"\ngc_grace = \"1h\"\n");
     std::fs::write(&b.config_path, cfg).unwrap();
     let mut b = b;
+    // Retention is not grace-gated; a long grace keeps the frequent GC from sweeping the
+    // layers of a push whose manifest has not arrived yet.
     b.restart();
     let c = client();
     let base = b.url();
