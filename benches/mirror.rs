@@ -49,6 +49,8 @@ fn main() {
     let clients: Vec<usize> = env_or("BENCH_CLIENTS", "1,16,64".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let mibps: Option<f64> = std::env::var("BENCH_UPSTREAM_MIBPS").ok().and_then(|v| v.parse().ok());
 
+    // Clients and servers share the machine: other work running at the same time shows here.
+    let load_at_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("").to_string();
     let upstream = Registry::start(Options::default());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     // The address both peers fetch from: the upstream itself, or a shared throttled link to it.
@@ -89,7 +91,7 @@ fn main() {
             }
         }
     }
-    print_report(&rounds, size, mibps);
+    print_report(&rounds, size, mibps, &load_at_start);
 }
 
 fn random_blob(size: usize) -> Vec<u8> {
@@ -176,7 +178,7 @@ fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1000.0)
 }
 
-fn print_report(rounds: &[Round], size: usize, mibps: Option<f64>) {
+fn print_report(rounds: &[Round], size: usize, mibps: Option<f64>, load_at_start: &str) {
     let sh = |c: &str| {
         std::process::Command::new("sh")
             .arg("-c")
@@ -195,11 +197,13 @@ fn print_report(rounds: &[Round], size: usize, mibps: Option<f64>) {
         }
     );
     println!(
-        "Machine: {} cores ({}), {} RAM, Linux {}.\n",
+        "Machine: {} cores ({}), {} RAM, Linux {}; load average {} at the start, {} at the end.\n",
         sh("nproc"),
         sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
         sh("free -h | awk '/Mem:/{print $2}'"),
-        sh("uname -r")
+        sh("uname -r"),
+        load_at_start,
+        sh("cut -d' ' -f1 /proc/loadavg")
     );
     println!("| peer | pull | clients | upstream GETs | bytes from upstream | first byte p50 / max (ms) | all clients done (ms) |");
     println!("|---|---|---:|---:|---:|---:|---:|");
