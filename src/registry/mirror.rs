@@ -32,7 +32,7 @@ pub struct Mirror {
     /// When each cached tag was last confirmed upstream ("<store repo>:<tag>").
     tag_checked: Mutex<HashMap<String, Instant>>,
     /// Manifest fetches in flight, shared by concurrent requests.
-    manifest_fetches: Mutex<HashMap<String, ManifestFetch>>,
+    manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
 }
 
 fn cache_header(r: Response, result: &'static str) -> Response {
@@ -49,7 +49,7 @@ impl Mirror {
             store,
             fills: Arc::new(Fills::default()),
             tag_checked: Mutex::new(HashMap::new()),
-            manifest_fetches: Mutex::new(HashMap::new()),
+            manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -208,18 +208,27 @@ impl Mirror {
             match map.get(&fkey) {
                 Some(f) => (f.clone(), "coalesced"),
                 None => {
-                    let f = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone())
-                        .boxed()
-                        .shared();
+                    // A task of its own: the fetch completes and leaves the table even when
+                    // every client waiting for it has gone away, so the table never holds
+                    // an old answer for a later revalidation.
+                    let fetch = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone());
+                    let (table, k) = (self.manifest_fetches.clone(), fkey.clone());
+                    let task = tokio::spawn(async move {
+                        let out = fetch.await;
+                        table.lock().remove(&k);
+                        out
+                    });
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| Err(OciError::msg(ErrorCode::Internal, format!("manifest fetch failed: {e}"))))
+                    }
+                    .boxed()
+                    .shared();
                     map.insert(fkey.clone(), f.clone());
                     (f, "miss")
                 }
             }
         };
         let out = fut.await;
-        if result == "miss" {
-            self.manifest_fetches.lock().remove(&fkey);
-        }
         out.map(|(d, m, b)| (d, m, b, result))
     }
 
