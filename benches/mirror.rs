@@ -76,7 +76,7 @@ fn main() {
                 let total = started.elapsed();
                 // distribution keeps filling its cache after its clients finish; let it settle so
                 // the next phase starts from what it stored.
-                let log = settle(&upstream, before);
+                let log = upstream.settle(before);
                 let gets: Vec<_> = log.iter().filter(|a| a.method == "GET" && a.path == path).collect();
                 rounds.push(Round {
                     peer,
@@ -156,22 +156,6 @@ async fn pull(url: &str, digest: &str, n: usize, size: u64) -> Vec<Duration> {
         out.push(t.await.unwrap());
     }
     out
-}
-
-/// The upstream's requests since `before`, once no new one has finished for a second.
-fn settle(upstream: &Registry, before: usize) -> Vec<common::distribution::Access> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last = upstream.access().len();
-    let mut quiet_since = Instant::now();
-    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(1) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = upstream.access().len();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
-    upstream.access().into_iter().skip(before).collect()
 }
 
 fn ms(d: Duration) -> String {

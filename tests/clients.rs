@@ -21,23 +21,6 @@ const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+j
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
-fn clients(cmds: &[&str]) -> bool {
-    if !cmds.iter().all(|c| common::require(c)) {
-        return false;
-    }
-    // The images carry the host's busybox and run it in a container: it must be the static one.
-    if !oci_layout::have_static_busybox() {
-        assert!(
-            std::env::var("BERTH_REQUIRE_CLIENTS").as_deref() != Ok("1"),
-            "busybox-static is required (BERTH_REQUIRE_CLIENTS=1) but {} is missing",
-            oci_layout::STATIC_BUSYBOX
-        );
-        eprintln!("skipping: {} (busybox-static) not installed", oci_layout::STATIC_BUSYBOX);
-        return false;
-    }
-    true
-}
-
 fn skopeo(args: &[&str]) -> cmd::Output {
     let mut c = Command::new("skopeo");
     // The machine's signature policy and registry mirrors are not part of the test.
@@ -97,7 +80,7 @@ fn busybox_rootfs(root: &Path, marker: &str) {
 
 #[test]
 fn skopeo_copies_a_multi_arch_oci_index_into_berth_and_back() {
-    if !clients(&["skopeo"]) {
+    if !oci_layout::require_runnable(&["skopeo"]) {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -176,7 +159,7 @@ fn docker_v2_dir(dir: &Path, scratch: &Path) -> Vec<u8> {
 
 #[test]
 fn skopeo_copies_a_docker_v2_image_into_berth_and_back() {
-    if !clients(&["skopeo"]) {
+    if !oci_layout::require_runnable(&["skopeo"]) {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -213,7 +196,7 @@ fn skopeo_copies_a_docker_v2_image_into_berth_and_back() {
 
 #[test]
 fn docker_daemon_pushes_pulls_and_runs_a_hosted_image() {
-    if !clients(&["dockerd", "docker"]) {
+    if !oci_layout::require_runnable(&["dockerd", "docker"]) {
         return;
     }
     let berth = Berth::start(NAMESPACE);

@@ -19,23 +19,6 @@ use std::time::Duration;
 const USER: &str = "ci-bot";
 const PASSWORD: &str = "s3cret-upstream-pw";
 
-fn clients(cmds: &[&str]) -> bool {
-    if !cmds.iter().all(|c| common::require(c)) {
-        return false;
-    }
-    // The amd64 test image runs the host's busybox in a container: it must be the static one.
-    if !oci_layout::have_static_busybox() {
-        assert!(
-            std::env::var("BERTH_REQUIRE_CLIENTS").as_deref() != Ok("1"),
-            "busybox-static is required (BERTH_REQUIRE_CLIENTS=1) but {} is missing",
-            oci_layout::STATIC_BUSYBOX
-        );
-        eprintln!("skipping: {} (busybox-static) not installed", oci_layout::STATIC_BUSYBOX);
-        return false;
-    }
-    true
-}
-
 /// The fake Docker Hub: token auth, like registry-1.docker.io.
 fn fake_hub() -> Registry {
     Registry::start(Options { token: true, ..Default::default() })
@@ -79,7 +62,7 @@ fn count(log: &[common::distribution::Access], method: &str, suffix: &str) -> us
 
 #[test]
 fn docker_daemon_pulls_busybox_from_token_auth_hub_through_berth_and_runs_it() {
-    if !clients(&["docker-registry", "skopeo", "dockerd", "docker"]) {
+    if !oci_layout::require_runnable(&["docker-registry", "skopeo", "dockerd", "docker"]) {
         return;
     }
     let hub = fake_hub();
@@ -129,7 +112,7 @@ fn docker_daemon_pulls_busybox_from_token_auth_hub_through_berth_and_runs_it() {
 
 #[test]
 fn containerd_hosts_toml_mirrors_docker_io_and_ghcr_io_through_berth() {
-    if !clients(&["docker-registry", "skopeo", "dockerd", "ctr"]) {
+    if !oci_layout::require_runnable(&["docker-registry", "skopeo", "dockerd", "ctr"]) {
         return;
     }
     let hub = fake_hub();
@@ -187,7 +170,7 @@ fn containerd_hosts_toml_mirrors_docker_io_and_ghcr_io_through_berth() {
 
 #[test]
 fn skopeo_pulls_path_prefix_form_from_basic_auth_upstream_that_redirects_blobs() {
-    if !clients(&["docker-registry", "skopeo"]) {
+    if !oci_layout::require_runnable(&["docker-registry", "skopeo"]) {
         return;
     }
     let mut ghcr = fake_redirecting();

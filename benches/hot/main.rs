@@ -244,7 +244,7 @@ fn main() {
                 let t0 = Instant::now();
                 let mut times = rt.block_on(load::herd(port, &path, n, size as u64));
                 let total = t0.elapsed();
-                let log = settle(&upstream, before);
+                let log = upstream.settle(before);
                 let gets: Vec<_> = log.iter().filter(|a| a.method == "GET" && a.path == path).collect();
                 times.sort();
                 let ttfb: Vec<f64> = {
@@ -449,23 +449,6 @@ fn push_blob(base: &str, repo: &str, digest: &str, blob: Vec<u8>) {
     let sep = if loc.contains('?') { '&' } else { '?' };
     let r = c.put(format!("{loc}{sep}digest={digest}")).body(blob).send().unwrap();
     assert_eq!(r.status(), 201, "upload commit");
-}
-
-/// The upstream's requests since `before`, once none has finished for a second (distribution's
-/// proxy keeps fetching after its clients are done).
-fn settle(upstream: &Registry, before: usize) -> Vec<common::distribution::Access> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last = upstream.access().len();
-    let mut quiet_since = Instant::now();
-    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(1) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = upstream.access().len();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
-    upstream.access().into_iter().skip(before).collect()
 }
 
 // ---- nginx ----

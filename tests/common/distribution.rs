@@ -385,6 +385,23 @@ impl Registry {
     }
 
     /// Every request the registry has finished, oldest first.
+    /// The requests since the first `before`, once none has finished for a second (bounded):
+    /// counting right after the clients return would miss requests still being logged.
+    pub fn settle(&self, before: usize) -> Vec<Access> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut last = self.access().len();
+        let mut quiet_since = std::time::Instant::now();
+        while std::time::Instant::now() < deadline && quiet_since.elapsed() < std::time::Duration::from_secs(1) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = self.access().len();
+            if now != last {
+                last = now;
+                quiet_since = std::time::Instant::now();
+            }
+        }
+        self.access().into_iter().skip(before).collect()
+    }
+
     pub fn access(&self) -> Vec<Access> {
         std::fs::read_to_string(&self.access_log).unwrap_or_default().lines().filter_map(parse_access).collect()
     }

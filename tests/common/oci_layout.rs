@@ -167,3 +167,20 @@ pub fn multi_arch(dir: &Path, tag: &str, label: &str) -> Layout {
         .collect();
     Layout { dir: dir.to_path_buf(), tag: tag.to_string(), index: index_digest, images, sizes }
 }
+
+/// The clients a real-client test drives, and the static busybox its images run: true when all
+/// are there; a skip otherwise, or a failure under BERTH_REQUIRE_CLIENTS=1.
+pub fn require_runnable(cmds: &[&str]) -> bool {
+    if !cmds.iter().all(|c| super::require(c)) {
+        return false;
+    }
+    if !have_static_busybox() {
+        assert!(
+            std::env::var("BERTH_REQUIRE_CLIENTS").as_deref() != Ok("1"),
+            "busybox-static is required (BERTH_REQUIRE_CLIENTS=1) but {STATIC_BUSYBOX} is missing"
+        );
+        eprintln!("skipping: {STATIC_BUSYBOX} (busybox-static) not installed");
+        return false;
+    }
+    true
+}
