@@ -111,6 +111,11 @@ impl Store {
     /// Records a use of mirrored content and evicts what the bound no longer allows. Called
     /// on every hit and after every fill, so eviction keeps pace with fills.
     pub fn cache_used(&self, d: &Digest) {
+        let max = self.lru.max.load(std::sync::atomic::Ordering::Relaxed);
+        if max == u64::MAX {
+            // Unbounded: no accounting on the hit path (it scans repositories and stats the blob).
+            return;
+        }
         if self.hosted_links(d) {
             self.lru.remove(d);
             return;
@@ -118,7 +123,6 @@ impl Store {
         if let Some(size) = self.blob_size(d) {
             self.lru.touch(d, size);
         }
-        let max = self.lru.max.load(std::sync::atomic::Ordering::Relaxed);
         if self.lru.bytes() > max {
             if let Err(e) = self.enforce_cache_bound(max) {
                 tracing::warn!(error = %e, "cache eviction failed");
@@ -190,6 +194,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         s.set_cache_roots(vec!["docker.io".into()]);
+        s.set_cache_limit(Some(1 << 40));
         let put = |repo: &str, data: &[u8]| {
             let d = Digest::sha256_of(data);
             s.put_blob_bytes(data, &d).unwrap();
