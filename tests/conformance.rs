@@ -334,6 +334,38 @@ fn pull_manifests_by_tag_and_digest_with_headers() {
 }
 
 #[test]
+fn push_manifest_by_digest_with_tag_parameters() {
+    let reg = start();
+    let img = reg.push_image("team/tagged", "first", "tag params");
+    let d = &img.digest;
+    // OCI 1.1: a push by digest can name its tags; each accepted one comes back as OCI-Tag.
+    let r = reg
+        .req(Method::PUT, &format!("/v2/team/tagged/manifests/{d}?tag=v1&tag=stable"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(img.manifest.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let oci_tags: Vec<String> = r.headers().get_all("oci-tag").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    assert_eq!(oci_tags, ["v1", "stable"]);
+    assert_eq!(reg.tags("team/tagged"), ["first", "stable", "v1"]);
+    for t in ["v1", "stable"] {
+        assert_eq!(header(&reg.head(&format!("/v2/team/tagged/manifests/{t}")), "docker-content-digest"), *d);
+    }
+    // One bad tag refuses the whole push and stores nothing.
+    let before = reg.snapshot();
+    let r = reg
+        .req(Method::PUT, &format!("/v2/team/tagged/manifests/{d}?tag=ok&tag=.bad"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(img.manifest.clone())
+        .send()
+        .unwrap();
+    assert_error(r, 400, "MANIFEST_INVALID");
+    assert_eq!(reg.snapshot(), before);
+    assert!(!reg.tags("team/tagged").contains(&"ok".to_string()));
+}
+
+#[test]
 fn pull_manifest_with_an_impossible_tag_is_404() {
     // The suite's "nonexistent manifest" is `.INVALID_MANIFEST_NAME`: a reference that can
     // never exist is simply unknown to a reader.

@@ -3,7 +3,7 @@
 use super::{serve, Request, RequestBody, Response};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
-use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName};
+use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName, Tag};
 use crate::registry::Registry;
 use crate::store::ManifestMeta;
 use bytes::{Bytes, BytesMut};
@@ -125,7 +125,16 @@ async fn put_manifest(
     let info = manifest::inspect(&bytes, req.header("content-type"))?;
     let store = &reg.store;
     let r = repo.as_str();
-    if let Reference::Tag(t) = reference {
+    // A push by digest may name its tags with `?tag=` (OCI 1.1), all validated before anything
+    // is stored.
+    let tags: Vec<Tag> = match reference {
+        Reference::Tag(t) => vec![t.clone()],
+        Reference::Digest(_) => url::form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "tag")
+            .map(|(_, v)| Tag::parse(&v).ok_or_else(|| OciError::msg(ErrorCode::ManifestInvalid, format!("invalid tag {v:?}"))))
+            .collect::<Result<_, _>>()?,
+    };
+    for t in &tags {
         reg.check_immutable_move(r, t.as_str(), &digest)?;
     }
     reg.check_quota(r, &digest, bytes.len() as u64)?;
@@ -151,13 +160,17 @@ async fn put_manifest(
         artifact_type: info.effective_artifact_type(),
         annotations: info.annotations.clone(),
     };
-    let tag = match reference {
-        Reference::Tag(t) => Some(t.as_str()),
-        Reference::Digest(_) => None,
-    };
-    store.put_manifest(r, &digest, bytes, meta, tag)?;
+    store.put_manifest(r, &digest, bytes, meta, tags.first().map(Tag::as_str))?;
+    for t in tags.iter().skip(1) {
+        store.set_tag(r, t.as_str(), &digest)?;
+    }
     let mut resp =
         Response::new(201).header("Location", format!("/v2/{repo}/manifests/{digest}")).header("Docker-Content-Digest", digest.to_string());
+    if matches!(reference, Reference::Digest(_)) {
+        for t in &tags {
+            resp = resp.header("OCI-Tag", t.to_string());
+        }
+    }
     if let Some(s) = &info.subject {
         resp = resp.header("OCI-Subject", s.to_string());
     }

@@ -212,18 +212,21 @@ impl Store {
         let mdir = self.repo_dir(repo).join("_manifests").join(algo_dir(d.algorithm()));
         fs::create_dir_all(&mdir)?;
         write_atomic(&self.root, &mdir.join(d.hex()), &serde_json::to_vec(&meta).expect("meta serializes"))?;
-        if let Some(tag) = tag {
-            let tdir = self.repo_dir(repo).join("_tags");
-            fs::create_dir_all(&tdir)?;
-            write_atomic(&self.root, &tdir.join(tag), d.to_string().as_bytes())?;
-        }
         self.manifest_bytes.insert(d.clone(), bytes);
-        let mut repos = self.repos.write();
-        let r = repos.entry(repo.to_string()).or_default();
-        r.manifests.insert(d.clone(), meta);
+        self.repos.write().entry(repo.to_string()).or_default().manifests.insert(d.clone(), meta);
+        // The tag last: it is only ever written for a manifest that is already complete.
         if let Some(tag) = tag {
-            r.tags.insert(tag.to_string(), d.clone());
+            self.set_tag(repo, tag, d)?;
         }
+        Ok(())
+    }
+
+    /// Points a tag at a manifest already in `repo`.
+    pub fn set_tag(&self, repo: &str, tag: &str, d: &Digest) -> io::Result<()> {
+        let tdir = self.repo_dir(repo).join("_tags");
+        fs::create_dir_all(&tdir)?;
+        write_atomic(&self.root, &tdir.join(tag), d.to_string().as_bytes())?;
+        self.repos.write().entry(repo.to_string()).or_default().tags.insert(tag.to_string(), d.clone());
         Ok(())
     }
 
