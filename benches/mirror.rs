@@ -66,7 +66,7 @@ fn main() {
         let repo = format!("bench/c{n}");
         let blob = random_blob(size);
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)));
-        push_blob(&upstream.url(), &repo, &digest, blob);
+        common::distribution::push_blob(&upstream.url(), &repo, &digest, blob);
         let path = format!("/v2/{repo}/blobs/{digest}");
         for (peer, base) in [("berth", berth.url()), ("distribution 2.8 proxy", proxy.url())] {
             for phase in ["cold", "warm"] {
@@ -106,17 +106,6 @@ fn random_blob(size: usize) -> Vec<u8> {
     }
     v.truncate(size);
     v
-}
-
-fn push_blob(base: &str, repo: &str, digest: &str, blob: Vec<u8>) {
-    let c = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().unwrap();
-    assert_eq!(r.status(), 202, "upload start");
-    let loc = r.headers()["location"].to_str().unwrap().to_string();
-    let loc = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = c.put(format!("{loc}{sep}digest={digest}")).body(blob).send().unwrap();
-    assert_eq!(r.status(), 201, "upload commit");
 }
 
 /// `n` clients GET `url` at once; each body must hash to `digest`. Returns each client's time

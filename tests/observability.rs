@@ -268,17 +268,7 @@ fn json_logs_by_config_key() {
 #[test]
 fn json_logs_by_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let admin_port = common::free_port();
-    let config_path = dir.path().join("berth.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n[storage]\nroot = \"{}\"\n{HOSTED}",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "", HOSTED);
     let log_path = dir.path().join("berth.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))

@@ -171,17 +171,7 @@ fn systemd_hears_ready_and_stopping() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let port = common::free_port();
-    let admin_port = common::free_port();
-    let config_path = dir.path().join("berth.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\ngrace_period = \"5s\"\n[storage]\nroot = \"{}\"\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "grace_period = \"5s\"", "");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["serve", "--config"])
         .arg(&config_path)

@@ -237,7 +237,7 @@ fn main() {
             let repo = format!("cold/c{n}");
             let blob = random_blob(size, n as u64);
             let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)));
-            push_blob(&upstream.url(), &repo, &digest, blob);
+            common::distribution::push_blob(&upstream.url(), &repo, &digest, blob);
             let path = format!("/v2/{repo}/blobs/{digest}");
             for (name, port) in [("berth", berth.port), ("distribution", proxy.port)] {
                 let before = upstream.access().len();
@@ -438,17 +438,6 @@ fn check_pushed(base: &str, image: &Image) {
         .unwrap();
     assert_eq!(r.status(), 200, "{base}");
     assert_eq!(r.headers()["docker-content-digest"].to_str().unwrap(), image.manifest_digest, "{base}: skopeo rewrote the manifest");
-}
-
-fn push_blob(base: &str, repo: &str, digest: &str, blob: Vec<u8>) {
-    let c = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().unwrap();
-    assert_eq!(r.status(), 202, "upload start");
-    let loc = r.headers()["location"].to_str().unwrap().to_string();
-    let loc = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = c.put(format!("{loc}{sep}digest={digest}")).body(blob).send().unwrap();
-    assert_eq!(r.status(), 201, "upload commit");
 }
 
 // ---- nginx ----

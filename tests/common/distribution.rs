@@ -469,3 +469,16 @@ fn parse_access(line: &str) -> Option<Access> {
     let bytes = tail.next()?.parse().unwrap_or(0);
     Some(Access { method, path, status, bytes, user })
 }
+
+/// Pushes a blob to any registry with POST then PUT (the flow distribution accepts), for
+/// seeding upstreams and peers alike.
+pub fn push_blob(base: &str, repo: &str, digest: &str, blob: Vec<u8>) {
+    let c = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(120)).build().unwrap();
+    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().unwrap();
+    assert_eq!(r.status(), 202, "upload start");
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let loc = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c.put(format!("{loc}{sep}digest={digest}")).body(blob).send().unwrap();
+    assert_eq!(r.status(), 201, "upload commit");
+}

@@ -53,18 +53,26 @@ impl Berth {
     /// As `start_in`, with `server_extra` added to `[server]` (TLS keys, a longer
     /// `grace_period`, which then replaces the short default the tests use).
     pub fn start_in_with_server(dir: tempfile::TempDir, server_extra: &str, extra: &str) -> Berth {
+        let (config_path, port, admin_port) = Self::write_config(dir.path(), server_extra, extra);
+        let mut b = Berth { child: None, port, admin_port, config_path, log_path: dir.path().join("berth.log"), dir };
+        b.spawn();
+        b
+    }
+
+    /// Writes `dir/berth.toml` with listeners on fresh ports and storage under `dir/data`, for
+    /// tests that start the binary themselves (other flags, environment). Returns the path and
+    /// the registry and admin ports.
+    pub fn write_config(dir: &Path, server_extra: &str, extra: &str) -> (PathBuf, u16, u16) {
         let port = free_port();
         let admin_port = free_port();
         let grace = if server_extra.contains("grace_period") { "" } else { "grace_period = \"1s\"\n" };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n\n{extra}\n",
-            dir.path().join("data").display()
+            dir.join("data").display()
         );
-        let config_path = dir.path().join("berth.toml");
+        let config_path = dir.join("berth.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut b = Berth { child: None, port, admin_port, config_path, log_path: dir.path().join("berth.log"), dir };
-        b.spawn();
-        b
+        (config_path, port, admin_port)
     }
 
     pub fn spawn(&mut self) {
