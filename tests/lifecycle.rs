@@ -87,12 +87,10 @@ fn mirror_cache_stays_within_its_bound_least_recently_used_first() {
     let fake = Fake::start();
     let blobs: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 1 << 20]).collect();
     let digests: Vec<String> = blobs.iter().map(|b| fake.add_blob(b)).collect();
-    let b = Berth::start(&format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
-    // Restart with the bound, so the config test exercises the key as users write it.
-    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\nmax_cache_bytes = \"3MiB\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    let mut b = b;
-    b.restart();
+    let b = Berth::start_with_storage(
+        "max_cache_bytes = \"3MiB\"\n",
+        &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()),
+    );
     let c = client();
     let get = |i: usize| {
         let r = c.get(format!("{}/v2/library/x/blobs/{}", b.url(), digests[i])).send().unwrap();
@@ -122,11 +120,10 @@ fn lru_prefers_recently_hit_blobs() {
     let fake = Fake::start();
     let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1 << 20]).collect();
     let digests: Vec<String> = blobs.iter().map(|b| fake.add_blob(b)).collect();
-    let b = Berth::start(&format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
-    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\nmax_cache_bytes = \"2MiB\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    let mut b = b;
-    b.restart();
+    let b = Berth::start_with_storage(
+        "max_cache_bytes = \"2MiB\"\n",
+        &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()),
+    );
     let c = client();
     let get = |i: usize| c.get(format!("{}/v2/library/x/blobs/{}", b.url(), digests[i])).send().unwrap().bytes().unwrap();
     get(0);
@@ -142,12 +139,7 @@ fn lru_prefers_recently_hit_blobs() {
 
 #[test]
 fn hosted_gc_races_pushes_without_losing_referenced_blobs() {
-    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
-    let cfg =
-        std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_interval = \"50ms\"\ngc_grace = \"0s\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    let mut b = b;
-    b.restart();
+    let mut b = Berth::start_with_storage("gc_interval = \"50ms\"\ngc_grace = \"0s\"\n", "[[namespace]]\nprefix = \"team\"\n");
     let base = b.url();
     let handles: Vec<_> = (0..4)
         .map(|w| {
@@ -200,10 +192,7 @@ fn hosted_gc_races_pushes_without_losing_referenced_blobs() {
 
 #[test]
 fn deleted_content_is_collected_by_the_gc_command() {
-    let mut b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
-    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_grace = \"0s\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    b.restart();
+    let mut b = Berth::start_with_storage("gc_grace = \"0s\"\n", "[[namespace]]\nprefix = \"team\"\n");
     let c = client();
     let (s, md, ld) = push_image(&c, &b.url(), "team/app", "v1", &vec![9u8; 50_000]);
     assert_eq!(s, 201);
@@ -228,11 +217,7 @@ fn deleted_content_is_collected_by_the_gc_command() {
 
 #[test]
 fn upload_sessions_expire() {
-    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
-    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\nupload_ttl = \"1s\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    let mut b = b;
-    b.restart();
+    let b = Berth::start_with_storage("upload_ttl = \"1s\"\n", "[[namespace]]\nprefix = \"team\"\n");
     let c = client();
     let r = c.post(format!("{}/v2/team/app/blobs/uploads/", b.url())).send().unwrap();
     assert_eq!(r.status(), 202);
@@ -392,16 +377,9 @@ fn full_disk_fails_pushes_cleanly_and_keeps_reads_working() {
 
 #[test]
 fn namespace_policies_retention_immutability_quota() {
-    let b = Berth::start(
-        "[[namespace]]\nprefix = \"team\"\nkeep_tags = 2\nkeep_patterns = [\"v*\"]\nimmutable_tags = [\"v*\"]\n\n[[namespace]]\nprefix = \"small\"\nquota_bytes = \"20KiB\"\n",
-    );
-    let cfg =
-        std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_interval = \"200ms\"\ngc_grace = \"1h\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    let mut b = b;
     // Retention is not grace-gated; a long grace keeps the frequent GC from sweeping the
     // layers of a push whose manifest has not arrived yet.
-    b.restart();
+    let b = Berth::start_with_storage("gc_interval = \"200ms\"\ngc_grace = \"1h\"\n", "[[namespace]]\nprefix = \"team\"\nkeep_tags = 2\nkeep_patterns = [\"v*\"]\nimmutable_tags = [\"v*\"]\n\n[[namespace]]\nprefix = \"small\"\nquota_bytes = \"20KiB\"\n");
     let c = client();
     let base = b.url();
     let (s, v1, _) = push_image(&c, &base, "team/app", "v1.0", b"release");
@@ -466,10 +444,7 @@ fn full_disk_fill_still_streams_to_clients_uncached() {
 
 #[test]
 fn gc_command_runs_inside_a_running_server() {
-    let mut b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
-    let cfg = std::fs::read_to_string(&b.config_path).unwrap().replace("[storage]\n", "[storage]\ngc_grace = \"0s\"\n");
-    std::fs::write(&b.config_path, cfg).unwrap();
-    b.restart();
+    let b = Berth::start_with_storage("gc_grace = \"0s\"\n", "[[namespace]]\nprefix = \"team\"\n");
     let c = client();
     let (s, md, ld) = push_image(&c, &b.url(), "team/app", "old", &vec![5u8; 40_000]);
     assert_eq!(s, 201);

@@ -268,7 +268,7 @@ fn json_logs_by_config_key() {
 #[test]
 fn json_logs_by_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "", HOSTED);
+    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "", "", HOSTED);
     let log_path = dir.path().join("berth.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))

@@ -171,7 +171,7 @@ fn systemd_hears_ready_and_stopping() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "grace_period = \"5s\"", "");
+    let (config_path, port, admin_port) = Berth::write_config(dir.path(), "grace_period = \"5s\"", "", "");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["serve", "--config"])
         .arg(&config_path)

@@ -53,7 +53,16 @@ impl Berth {
     /// As `start_in`, with `server_extra` added to `[server]` (TLS keys, a longer
     /// `grace_period`, which then replaces the short default the tests use).
     pub fn start_in_with_server(dir: tempfile::TempDir, server_extra: &str, extra: &str) -> Berth {
-        let (config_path, port, admin_port) = Self::write_config(dir.path(), server_extra, extra);
+        Self::start_configured(dir, server_extra, "", extra)
+    }
+
+    /// As `start`, with `storage_extra` added to `[storage]` (cache bound, GC, upload expiry).
+    pub fn start_with_storage(storage_extra: &str, extra: &str) -> Berth {
+        Self::start_configured(tempfile::tempdir().unwrap(), "", storage_extra, extra)
+    }
+
+    fn start_configured(dir: tempfile::TempDir, server_extra: &str, storage_extra: &str, extra: &str) -> Berth {
+        let (config_path, port, admin_port) = Self::write_config(dir.path(), server_extra, storage_extra, extra);
         let mut b = Berth { child: None, port, admin_port, config_path, log_path: dir.path().join("berth.log"), dir };
         b.spawn();
         b
@@ -62,12 +71,12 @@ impl Berth {
     /// Writes `dir/berth.toml` with listeners on fresh ports and storage under `dir/data`, for
     /// tests that start the binary themselves (other flags, environment). Returns the path and
     /// the registry and admin ports.
-    pub fn write_config(dir: &Path, server_extra: &str, extra: &str) -> (PathBuf, u16, u16) {
+    pub fn write_config(dir: &Path, server_extra: &str, storage_extra: &str, extra: &str) -> (PathBuf, u16, u16) {
         let port = free_port();
         let admin_port = free_port();
         let grace = if server_extra.contains("grace_period") { "" } else { "grace_period = \"1s\"\n" };
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n{storage_extra}\n\n{extra}\n",
             dir.join("data").display()
         );
         let config_path = dir.join("berth.toml");
