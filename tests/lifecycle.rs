@@ -461,4 +461,9 @@ fn gc_command_runs_inside_a_running_server() {
     assert_eq!(r.status(), 200);
     assert_eq!(common::digest(&r.bytes().unwrap()), keep);
     assert_eq!(c.get(format!("{}/v2/team/app/manifests/new", b.url())).send().unwrap().status(), 200);
+    // Collection is a POST; a repair needs the server stopped.
+    assert_eq!(c.get(format!("{}/gc", b.admin_url())).send().unwrap().status(), 405);
+    let (rc, out) = berth_cmd(&["fsck", "--repair"], &b.config_path);
+    assert_eq!(rc, 2, "{out}");
+    assert!(out.contains("stop it"), "{out}");
 }

@@ -266,6 +266,19 @@ fn nothing_cached_and_upstream_down_is_a_5xx() {
     fake.set_fault(Fault::Status(500));
     let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
     assert_eq!(r.status(), 502);
+    // An upstream that refuses berth is a denial naming it, not "not found"; a rate limit is
+    // passed on as one.
+    fake.set_fault(Fault::Status(403));
+    let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+    assert_eq!(r.status(), 403);
+    let body = r.bytes().unwrap();
+    assert_eq!(oci_code(&body), "DENIED");
+    assert!(String::from_utf8_lossy(&body).contains("docker.io"));
+    fake.set_fault(Fault::Status(429));
+    let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(oci_code(&r.bytes().unwrap()), "TOOMANYREQUESTS");
 }
 
 fn assert_not_cached(b: &Berth, d: &str) {
