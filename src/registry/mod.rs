@@ -99,10 +99,7 @@ impl Registry {
 
     /// The lifecycle policy of a hosted repository; None for mirrored ones.
     pub fn policy_of(&self, repo: &str) -> Option<crate::store::policy::Policy> {
-        if self.store.is_cache_repo(repo) {
-            return None;
-        }
-        Some(self.config.namespaces.iter().find(|n| n.matches(repo)).map(|n| n.policy.clone()).unwrap_or_default())
+        policy_for(&self.config, &self.store, repo)
     }
 
     /// Immutable tags are pushed once: moving one to another digest is refused.
@@ -150,8 +147,9 @@ impl Registry {
 
     /// Runs retention and garbage collection over the whole store.
     pub async fn gc(&self, dry_run: bool) -> std::io::Result<crate::store::gc::GcReport> {
-        let policy_of = |repo: &str| self.policy_of(repo);
-        self.store.gc(&policy_of, self.config.storage.gc_grace, dry_run).await
+        let (config, store) = (self.config.clone(), self.store.clone());
+        let policy_of: crate::store::gc::PolicyOf = Arc::new(move |repo: &str| policy_for(&config, &store, repo));
+        self.store.gc(policy_of, self.config.storage.gc_grace, dry_run).await
     }
 
     /// Decides where a repository named in a request lives, in the documented order:
@@ -263,4 +261,11 @@ impl Registry {
             }
         }
     }
+}
+
+fn policy_for(config: &Config, store: &Store, repo: &str) -> Option<crate::store::policy::Policy> {
+    if store.is_cache_repo(repo) {
+        return None;
+    }
+    Some(config.namespaces.iter().find(|n| n.matches(repo)).map(|n| n.policy.clone()).unwrap_or_default())
 }

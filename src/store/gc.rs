@@ -12,7 +12,11 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::fs;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// A hosted repository's policy; None for mirrored repositories.
+pub type PolicyOf = Arc<dyn Fn(&str) -> Option<Policy> + Send + Sync>;
 
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
@@ -97,8 +101,15 @@ impl Store {
 
     /// Runs retention, then mark and sweep. `policy_of` gives a hosted repository's policy and
     /// is None for mirrored repositories, whose content only the cache bound removes.
-    pub async fn gc(&self, policy_of: &(dyn Fn(&str) -> Option<Policy> + Sync), grace: Duration, dry_run: bool) -> io::Result<GcReport> {
+    pub async fn gc(self: &Arc<Self>, policy_of: PolicyOf, grace: Duration, dry_run: bool) -> io::Result<GcReport> {
         let _exclusive = self.gc_lock.write().await;
+        // The walk and the deletions are blocking file I/O: off the async threads (the admin
+        // listener that asks for a collection must keep answering /readyz meanwhile).
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.gc_locked(&*policy_of, grace, dry_run)).await.map_err(io::Error::other)?
+    }
+
+    fn gc_locked(&self, policy_of: &(dyn Fn(&str) -> Option<Policy> + Sync), grace: Duration, dry_run: bool) -> io::Result<GcReport> {
         let mut report = GcReport { dry_run, ..Default::default() };
         let repos: Vec<String> = self.repos.read().keys().cloned().collect();
         for repo in &repos {
@@ -215,12 +226,13 @@ mod tests {
         s.link_blob("team/a", &orphan).unwrap();
         let hosted = |_: &str| Some(Policy::default());
         // Within the grace period nothing goes.
-        let r = s.gc(&hosted, Duration::from_secs(3600), false).await.unwrap();
+        let hosted: PolicyOf = Arc::new(hosted);
+        let r = s.gc(hosted.clone(), Duration::from_secs(3600), false).await.unwrap();
         assert_eq!((r.blobs_removed, r.links_removed), (0, 0));
         s.delete_manifest("team/a", &m1).unwrap();
-        let dry = s.gc(&hosted, Duration::ZERO, true).await.unwrap();
+        let dry = s.gc(hosted.clone(), Duration::ZERO, true).await.unwrap();
         assert!(dry.blobs_removed >= 2 && s.blob_size(&l1).is_some() && s.blob_size(&orphan).is_some(), "dry run removes nothing");
-        let r = s.gc(&hosted, Duration::ZERO, false).await.unwrap();
+        let r = s.gc(hosted.clone(), Duration::ZERO, false).await.unwrap();
         assert_eq!(r.blobs_removed, dry.blobs_removed);
         assert!(s.blob_size(&l1).is_none() && s.blob_size(&orphan).is_none() && s.blob_size(&m1).is_none());
         assert!(s.blob_size(&l2).is_some(), "a referenced blob is never deleted");
@@ -240,7 +252,7 @@ mod tests {
             f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + i as u64)).unwrap();
         }
         let policy = Policy::new(Some(2), &["v*".into()], &[], None).unwrap();
-        let r = s.gc(&|_| Some(policy.clone()), Duration::ZERO, false).await.unwrap();
+        let r = s.gc(Arc::new(move |_: &str| Some(policy.clone())), Duration::ZERO, false).await.unwrap();
         assert_eq!(r.tags_removed, vec!["team/a:old".to_string()]);
         assert_eq!(s.tags("team/a").unwrap(), vec!["mid", "new", "v1"]);
         assert!(s.blob_size(&layers[0]).is_none());
