@@ -42,18 +42,6 @@ impl Endpoint {
             | Endpoint::Referrers { name, .. } => Some(name),
         }
     }
-
-    pub fn with_name(self, new: String) -> Self {
-        match self {
-            Endpoint::Manifest { reference, .. } => Endpoint::Manifest { name: new, reference },
-            Endpoint::Blob { digest, .. } => Endpoint::Blob { name: new, digest },
-            Endpoint::UploadStart { .. } => Endpoint::UploadStart { name: new },
-            Endpoint::Upload { uuid, .. } => Endpoint::Upload { name: new, uuid },
-            Endpoint::TagsList { .. } => Endpoint::TagsList { name: new },
-            Endpoint::Referrers { digest, .. } => Endpoint::Referrers { name: new, digest },
-            other => other,
-        }
-    }
 }
 
 /// Screens the raw path: any encoded byte, dot segment, empty segment, backslash or NUL is a

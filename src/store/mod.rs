@@ -122,7 +122,7 @@ impl Store {
         }
     }
 
-    pub fn temp_path(&self) -> PathBuf {
+    fn temp_path(&self) -> PathBuf {
         self.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
     }
 
@@ -281,10 +281,6 @@ impl Store {
             remove_if_exists(&self.repo_dir(repo).join("_tags").join(tag))?;
         }
         Ok(removed)
-    }
-
-    pub fn repo_exists(&self, repo: &str) -> bool {
-        self.repos.read().get(repo).is_some_and(|r| !r.is_empty())
     }
 
     /// Sorted tags of a repository, or None when the repository is unknown.

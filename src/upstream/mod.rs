@@ -48,10 +48,6 @@ impl UpstreamError {
         }
     }
 
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, UpstreamError::Status(404, _))
-    }
-
     /// The client-facing error. Never a 404 for an outage.
     pub fn to_oci(&self, upstream: &str) -> OciError {
         match self {
