@@ -348,3 +348,45 @@ fn tags_list_passes_through() {
     let v: serde_json::Value = client().get(format!("{}/v2/library/app/tags/list", b.url())).send().unwrap().json().unwrap();
     assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
 }
+
+#[test]
+fn a_chunked_manifest_over_the_cap_is_refused_and_not_cached() {
+    let mut fake = Fake::start();
+    fake.state.lock().unwrap().chunked_manifests = true;
+    let max = berth::oci::manifest::MAX_MANIFEST_BYTES;
+    // Valid JSON of any size: trailing whitespace pads it.
+    let manifest = |size: usize| {
+        let mut m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#.to_vec();
+        m.resize(size, b' ');
+        m
+    };
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let over = fake.add_manifest("library/big", Some("over"), mt, &manifest(max + 1));
+    let at = manifest(max);
+    fake.add_manifest("library/big", Some("at"), mt, &at);
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+
+    for reference in ["over", over.as_str(), "over"] {
+        let r = c.get(format!("{}/v2/library/big/manifests/{reference}", b.url())).send().unwrap();
+        assert_eq!(r.status(), 502, "{reference}: an oversized manifest is an upstream failure, not a 404 or a 200");
+        let body = r.bytes().unwrap();
+        assert_eq!(oci_code(&body), "UNAVAILABLE");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("docker.io") && text.contains(&format!("manifest over {max} bytes")), "{text}");
+    }
+    assert_eq!(fake.count("GET manifest"), 3, "nothing was cached: every request went upstream");
+
+    // Exactly at the cap is a manifest like any other.
+    let r = c.get(format!("{}/v2/library/big/manifests/at", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-berth-cache"], "miss");
+    assert_eq!(r.bytes().unwrap().as_ref(), at.as_slice());
+
+    // With the upstream gone, the oversized one is still not there to serve.
+    fake.stop();
+    let r = c.get(format!("{}/v2/library/big/manifests/{over}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 502);
+    let r = c.get(format!("{}/v2/library/big/manifests/{}", b.url(), common::digest(&at))).send().unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -12,7 +12,7 @@ use crate::oci::manifest::{self, ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{ManifestMeta, Store};
-use crate::upstream::{Client, UpstreamError};
+use crate::upstream::{Client, UpstreamError, MAX_LIST_BYTES};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
@@ -20,7 +20,7 @@ use http::Method;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type ManifestFetch = Shared<BoxFuture<'static, Result<(Digest, ManifestMeta, Bytes), OciError>>>;
 
@@ -30,9 +30,20 @@ pub struct Mirror {
     store: Arc<Store>,
     pub fills: Arc<Fills>,
     /// When each cached tag was last confirmed upstream ("<store repo>:<tag>").
-    tag_checked: Mutex<HashMap<String, Instant>>,
+    tag_checked: moka::sync::Cache<String, Instant>,
     /// Manifest fetches in flight, shared by concurrent requests.
     manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
+}
+
+/// Forgetting a check only costs a HEAD on the tag's next pull, so the table can be bounded.
+const MAX_TAGS_CHECKED: u64 = 100_000;
+
+/// Entries live as long as the longest `tag_ttl`: past its own upstream's ttl an entry no
+/// longer makes a tag fresh, so keeping it would only hold memory.
+fn tag_checked_cache(ttls: impl Iterator<Item = Duration>) -> moka::sync::Cache<String, Instant> {
+    // moka refuses a time to live past 1000 years; a year is as good as forever here.
+    let ttl = ttls.max().unwrap_or_default().min(Duration::from_secs(365 * 24 * 3600));
+    moka::sync::Cache::builder().max_capacity(MAX_TAGS_CHECKED).time_to_live(ttl).build()
 }
 
 fn cache_header(r: Response, result: &'static str) -> Response {
@@ -43,12 +54,13 @@ impl Mirror {
     pub fn new(config: &Config, store: Arc<Store>) -> Arc<Mirror> {
         let upstreams: Vec<Arc<Upstream>> = config.upstreams.iter().cloned().map(Arc::new).collect();
         let clients = upstreams.iter().map(|u| (u.name.clone(), Arc::new(Client::new(u.clone())))).collect();
+        let tag_checked = tag_checked_cache(upstreams.iter().map(|u| u.tag_ttl));
         Arc::new(Mirror {
             upstreams,
             clients,
             store,
             fills: Arc::new(Fills::default()),
-            tag_checked: Mutex::new(HashMap::new()),
+            tag_checked,
             manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -117,12 +129,12 @@ impl Mirror {
                 let cached = self.store.tag_digest(key, tag.as_str()).and_then(|d| self.store.manifest_meta(key, &d).map(|m| (d, m)));
                 let Some((cd, cmeta)) = cached else {
                     let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
-                    self.tag_checked.lock().insert(tag_key, Instant::now());
+                    self.tag_checked.insert(tag_key, Instant::now());
                     count(result);
                     outcome.cache = Some(result);
                     return serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result));
                 };
-                let fresh = self.tag_checked.lock().get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
+                let fresh = self.tag_checked.get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
                 if fresh {
                     self.store.cache_used(&cd);
                     count("hit");
@@ -137,7 +149,7 @@ impl Mirror {
                     Ok(r) if r.status().is_success() => {
                         let same = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) == Some(cd.to_string().as_str());
                         if same {
-                            self.tag_checked.lock().insert(tag_key, Instant::now());
+                            self.tag_checked.insert(tag_key, Instant::now());
                             count("hit");
                             outcome.cache = Some("hit");
                             return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
@@ -147,7 +159,7 @@ impl Mirror {
                     Ok(r) if r.status().as_u16() == 404 => {
                         // The upstream is authoritative for its tags: a tag it no longer has is gone.
                         self.store.delete_tag(key, tag.as_str())?;
-                        self.tag_checked.lock().remove(&tag_key);
+                        self.tag_checked.invalidate(&tag_key);
                         return Err(OciError::msg(
                             ErrorCode::ManifestUnknown,
                             format!("{}/{repo}:{tag} does not exist upstream", upstream.name),
@@ -164,7 +176,7 @@ impl Mirror {
                 }
                 match self.fetch_manifest(upstream, repo, key, reference).await {
                     Ok((d, meta, _, result)) => {
-                        self.tag_checked.lock().insert(tag_key, Instant::now());
+                        self.tag_checked.insert(tag_key, Instant::now());
                         count(result);
                         outcome.cache = Some(result);
                         serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result))
@@ -300,7 +312,7 @@ impl Mirror {
                     206 if from > 0 => {}
                     404 => return Err(OciError::msg(ErrorCode::BlobUnknown, format!("blob {d2} is not in {up_name}/{repo2}"))),
                     s => {
-                        let body = r.text().await.unwrap_or_default();
+                        let body = client.error_text(r).await;
                         return Err(UpstreamError::Status(s, body).to_oci(&up_name));
                     }
                 }
@@ -384,10 +396,7 @@ impl Mirror {
         match client.send(Method::GET, repo.as_str(), &path, None).await {
             Ok(r) if r.status().is_success() => {
                 let next_page = r.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(|l| next_page(l, req));
-                let body = tokio::time::timeout(upstream.timeout, r.bytes())
-                    .await
-                    .map_err(|_| UpstreamError::Timeout.to_oci(&upstream.name))?
-                    .map_err(|e| UpstreamError::Unreachable(e.to_string()).to_oci(&upstream.name))?;
+                let body = client.read_body(r, MAX_LIST_BYTES, "tags list").await.map_err(|e| e.to_oci(&upstream.name))?;
                 Ok(match next_page {
                     Some(link) => Response::new(200).json(body).header("Link", link),
                     None => Response::new(200).json(body),
@@ -414,8 +423,11 @@ impl Mirror {
         let path = format!("/v2/{repo}/referrers/{d}");
         if let Ok(r) = client.send(Method::GET, repo.as_str(), &path, Some(manifest::OCI_INDEX)).await {
             if r.status().is_success() {
-                if let Ok(Ok(body)) = tokio::time::timeout(upstream.timeout, r.bytes()).await {
-                    return Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(body)));
+                match client.read_body(r, MAX_MANIFEST_BYTES, "referrers index").await {
+                    Ok(body) => return Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(body))),
+                    // A misbehaving upstream is reported, not papered over with the cached list.
+                    Err(e @ UpstreamError::TooLarge { .. }) => return Err(e.to_oci(&upstream.name)),
+                    Err(_) => {}
                 }
             }
         }
@@ -457,22 +469,13 @@ async fn fetch_manifest(
         200 => {}
         404 => return Err(OciError::msg(ErrorCode::ManifestUnknown, format!("{up}/{repo}:{reference} does not exist upstream"))),
         s => {
-            let body = r.text().await.unwrap_or_default();
+            let body = client.error_text(r).await;
             return Err(UpstreamError::Status(s, body).to_oci(&up));
         }
     }
-    if r.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
-        return Err(OciError::msg(
-            ErrorCode::UpstreamUnavailable,
-            format!("upstream {up} sent a manifest over {MAX_MANIFEST_BYTES} bytes"),
-        ));
-    }
     let media_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string());
     let announced = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|s| Digest::parse(s).ok());
-    let bytes = tokio::time::timeout(client.upstream.timeout, r.bytes())
-        .await
-        .map_err(|_| UpstreamError::Timeout.to_oci(&up))?
-        .map_err(|e| UpstreamError::Unreachable(e.to_string()).to_oci(&up))?;
+    let bytes = client.read_body(r, MAX_MANIFEST_BYTES, "manifest").await.map_err(|e| e.to_oci(&up))?;
     let algo = match &reference {
         Reference::Digest(d) => d.algorithm(),
         Reference::Tag(_) => announced.as_ref().map(|d| d.algorithm()).unwrap_or(crate::oci::Algorithm::Sha256),
@@ -510,4 +513,20 @@ async fn fetch_manifest(
     store.put_manifest(&key, &actual, bytes.clone(), meta.clone(), tag)?;
     store.cache_used(&actual);
     Ok((actual, meta, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_checks_are_bounded_and_live_as_long_as_the_longest_tag_ttl() {
+        let c = tag_checked_cache([Duration::from_secs(60), Duration::from_secs(600)].into_iter());
+        assert_eq!(c.policy().max_capacity(), Some(MAX_TAGS_CHECKED));
+        assert_eq!(c.policy().time_to_live(), Some(Duration::from_secs(600)));
+        let c = tag_checked_cache([Duration::MAX].into_iter());
+        assert!(c.policy().time_to_live().is_some_and(|t| t <= Duration::from_secs(365 * 24 * 3600)));
+        // No upstreams: nothing is ever checked, but the mirror still builds.
+        tag_checked_cache(std::iter::empty());
+    }
 }

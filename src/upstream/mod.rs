@@ -11,6 +11,8 @@ pub use challenge::Challenge;
 use crate::config::Upstream;
 use crate::metrics;
 use crate::oci::{ErrorCode, OciError};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
@@ -21,6 +23,22 @@ use std::time::{Duration, Instant};
 /// Tokens are refreshed this long before the upstream says they expire.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// An upstream may announce any `expires_in`; past this a token is simply fetched again, which
+/// keeps `Instant` arithmetic and the cache's expiry in range.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Tokens are cached per repository scope, so a client walking many repositories would
+/// otherwise grow the cache without end; past this many the least used are fetched again.
+const MAX_TOKENS: u64 = 10_000;
+
+/// Caps for upstream bodies read whole into memory. Anything between berth and the upstream
+/// can send a body of any size, with or without a Content-Length.
+/// Token responses are a JWT or two with a little JSON around them.
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 256 * 1024;
+/// Only the first few hundred characters of an error body reach a message.
+pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// `tags/list`: some registries answer unpaginated, and gcr.io adds a manifest map per digest,
+/// which runs to megabytes for large repositories.
+pub const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 struct Token {
@@ -36,6 +54,11 @@ pub enum UpstreamError {
     Timeout,
     /// The upstream answered with an error status.
     Status(u16, String),
+    /// A body berth reads into memory passed its cap; reading stopped there.
+    TooLarge {
+        what: &'static str,
+        limit: usize,
+    },
 }
 
 impl UpstreamError {
@@ -45,6 +68,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
             UpstreamError::Status(s, _) => *s >= 500 || *s == 429,
+            UpstreamError::TooLarge { .. } => false,
         }
     }
 
@@ -64,6 +88,10 @@ impl UpstreamError {
             UpstreamError::Status(s, body) => {
                 OciError::msg(ErrorCode::UpstreamUnavailable, format!("upstream {upstream} answered {s}: {}", truncate(body, 200)))
             }
+            UpstreamError::TooLarge { what, limit } => OciError::msg(
+                ErrorCode::UpstreamUnavailable,
+                format!("upstream {upstream} sent a {what} over {limit} bytes; berth stopped reading it"),
+            ),
         }
     }
 }
@@ -75,12 +103,76 @@ fn truncate(s: &str, n: usize) -> &str {
     }
 }
 
+/// Reads a whole body into memory, failing as soon as the bytes received pass `limit`: a
+/// chunked body announces no length, so the cap has to hold while streaming.
+pub async fn read_capped<S, E>(body: S, limit: usize, what: &'static str) -> Result<Bytes, UpstreamError>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: std::error::Error,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(UpstreamError::TooLarge { what, limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Each token lives as long as the upstream said it would (less the margin), not a fixed TTL.
+struct TokenExpiry;
+
+impl moka::Expiry<String, Token> for TokenExpiry {
+    fn expire_after_create(&self, _: &String, t: &Token, now: Instant) -> Option<Duration> {
+        Some(t.expires.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(&self, _: &String, t: &Token, now: Instant, _: Option<Duration>) -> Option<Duration> {
+        Some(t.expires.saturating_duration_since(now))
+    }
+}
+
+fn token_cache(capacity: u64) -> moka::sync::Cache<String, Token> {
+    moka::sync::Cache::builder().max_capacity(capacity).expire_after(TokenExpiry).build()
+}
+
+type TokenLocks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// A claim on a scope's token lock; the last claim out removes the lock from the table, so the
+/// table only ever holds scopes with a fetch in flight, even when a fetch is cancelled.
+struct TokenLockClaim<'a> {
+    table: &'a TokenLocks,
+    key: &'a str,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> TokenLockClaim<'a> {
+    fn new(table: &'a TokenLocks, key: &'a str) -> Self {
+        let lock = table.lock().entry(key.to_string()).or_default().clone();
+        TokenLockClaim { table, key, lock }
+    }
+}
+
+impl Drop for TokenLockClaim<'_> {
+    fn drop(&mut self) {
+        let mut table = self.table.lock();
+        // Claims are only made under the table lock, so two references (the table's and this
+        // one) mean nobody else holds or waits for it.
+        if table.get(self.key).is_some_and(|l| Arc::ptr_eq(l, &self.lock)) && Arc::strong_count(&self.lock) == 2 {
+            table.remove(self.key);
+        }
+    }
+}
+
 pub struct Client {
     pub upstream: Arc<Upstream>,
     http: reqwest::Client,
-    tokens: Mutex<HashMap<String, Token>>,
+    tokens: moka::sync::Cache<String, Token>,
     /// One token fetch per scope at a time; later requests wait and reuse it.
-    token_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    token_locks: TokenLocks,
     /// Remembered challenge scheme, so later requests authenticate up front.
     basic: std::sync::atomic::AtomicBool,
 }
@@ -97,7 +189,7 @@ impl Client {
         Client {
             upstream,
             http,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: token_cache(MAX_TOKENS),
             token_locks: Mutex::new(HashMap::new()),
             basic: std::sync::atomic::AtomicBool::new(false),
         }
@@ -117,8 +209,27 @@ impl Client {
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
-        let tokens = self.tokens.lock();
-        tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value.clone())
+        self.tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value)
+    }
+
+    /// Reads a whole upstream body into memory, up to `limit` bytes and within the upstream's
+    /// timeout.
+    pub async fn read_body(&self, resp: reqwest::Response, limit: usize, what: &'static str) -> Result<Bytes, UpstreamError> {
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(UpstreamError::TooLarge { what, limit });
+        }
+        tokio::time::timeout(self.upstream.timeout, read_capped(resp.bytes_stream(), limit, what))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// The start of an error response's body, for the message; empty if it cannot be read.
+    pub async fn error_text(&self, resp: reqwest::Response) -> String {
+        match self.read_body(resp, MAX_ERROR_BODY_BYTES, "error body").await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(UpstreamError::TooLarge { limit, .. }) => format!("(an error body over {limit} bytes)"),
+            Err(_) => String::new(),
+        }
     }
 
     fn auth_for(&self, scope: &str) -> Option<HeaderValue> {
@@ -171,7 +282,7 @@ impl Client {
                 }
                 Some(Challenge::Bearer { realm, service, scope: challenge_scope }) => {
                     let want = challenge_scope.unwrap_or_else(|| scope.clone());
-                    self.tokens.lock().remove(&scope);
+                    self.tokens.invalidate(&scope);
                     self.fetch_token(&realm, service.as_deref(), &want, &scope).await?;
                 }
                 _ => return Ok(resp),
@@ -206,8 +317,8 @@ impl Client {
     }
 
     async fn fetch_token(&self, realm: &str, service: Option<&str>, want: &str, key: &str) -> Result<(), UpstreamError> {
-        let lock = self.token_locks.lock().entry(key.to_string()).or_default().clone();
-        let _guard = lock.lock().await;
+        let claim = TokenLockClaim::new(&self.token_locks, key);
+        let _guard = claim.lock.lock().await;
         if self.cached_token(key).is_some() {
             // Someone else fetched it while we waited.
             return Ok(());
@@ -237,16 +348,13 @@ impl Client {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let body = tokio::time::timeout(self.upstream.timeout, resp.bytes())
-            .await
-            .map_err(|_| UpstreamError::Timeout)?
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        let body = self.read_body(resp, MAX_TOKEN_RESPONSE_BYTES, "token response").await?;
         let t: TokenResp =
             serde_json::from_slice(&body).map_err(|e| UpstreamError::Status(502, format!("token response is not JSON: {e}")))?;
         let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Status(502, "token response has no token".into()))?;
-        let life = t.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let life = t.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME).min(MAX_TOKEN_LIFETIME);
         let expires = Instant::now() + life.saturating_sub(TOKEN_MARGIN).max(Duration::from_secs(1));
-        self.tokens.lock().insert(key.to_string(), Token { value, expires });
+        self.tokens.insert(key.to_string(), Token { value, expires });
         Ok(())
     }
 }
@@ -260,4 +368,143 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn upstream(url: &str) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            name: "test".into(),
+            url: url::Url::parse(url).unwrap(),
+            aliases: vec![],
+            default: false,
+            tag_ttl: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+            credentials: None,
+        })
+    }
+
+    async fn read_head(sock: &mut TcpStream) {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && sock.read(&mut b).await.unwrap() == 1 {
+            head.push(b[0]);
+        }
+    }
+
+    /// A loopback server answering its first connection's first request with `head`, then
+    /// `chunk` over and over until the client goes away (or once, when `endless` is false).
+    async fn serve_once(head: &'static str, chunk: Vec<u8>, endless: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            read_head(&mut sock).await;
+            sock.write_all(head.as_bytes()).await.unwrap();
+            while sock.write_all(&chunk).await.is_ok() && endless {}
+        });
+        url
+    }
+
+    fn chunks(parts: &[&'static str]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes()))).collect::<Vec<_>>())
+    }
+
+    #[tokio::test]
+    async fn capped_read_takes_a_body_up_to_the_limit_and_not_one_byte_more() {
+        assert_eq!(read_capped(chunks(&["ab", "cd", "e"]), 5, "thing").await.unwrap(), "abcde");
+        let e = read_capped(chunks(&["ab", "cd", "e"]), 4, "thing").await.unwrap_err();
+        assert!(matches!(e, UpstreamError::TooLarge { what: "thing", limit: 4 }), "{e:?}");
+        let oci = e.to_oci("up");
+        assert_eq!(oci.status(), 502, "an oversized upstream body is an upstream failure");
+        assert!(oci.message.contains("thing over 4 bytes"), "{}", oci.message);
+        assert!(!e.is_outage(), "a cached copy is no answer to an upstream that misbehaves");
+    }
+
+    #[tokio::test]
+    async fn capped_read_stops_pulling_an_endless_body_once_past_the_limit() {
+        let pulled = AtomicUsize::new(0);
+        let endless = futures::stream::repeat_with(|| {
+            pulled.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, std::io::Error>(Bytes::from_static(&[0; 1024]))
+        });
+        let e = read_capped(endless, 10 * 1024 - 1, "thing").await.unwrap_err();
+        assert!(matches!(e, UpstreamError::TooLarge { .. }), "{e:?}");
+        assert_eq!(pulled.load(Ordering::Relaxed), 10);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_without_a_length_is_cut_off_at_the_limit() {
+        let piece = format!("{:x}\r\n{}\r\n", 64 * 1024, "a".repeat(64 * 1024)).into_bytes();
+        let url = serve_once("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", piece, true).await;
+        let client = Client::new(upstream(&url));
+        let resp = client.send(Method::GET, "r", "/v2/r/tags/list", None).await.unwrap();
+        assert_eq!(resp.content_length(), None);
+        let e = client.read_body(resp, 1 << 20, "tags list").await.unwrap_err();
+        assert!(matches!(e, UpstreamError::TooLarge { what: "tags list", .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_over_the_limit_is_refused_before_reading() {
+        let url = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 2000000000\r\n\r\n", vec![0; 1024], true).await;
+        let client = Client::new(upstream(&url));
+        let resp = client.send(Method::GET, "r", "/v2/r/manifests/x", None).await.unwrap();
+        let e = client.read_body(resp, 1 << 20, "manifest").await.unwrap_err();
+        assert!(matches!(e, UpstreamError::TooLarge { what: "manifest", .. }), "{e:?}");
+    }
+
+    #[test]
+    fn tokens_expire_on_their_own_lifetime_and_the_cache_is_bounded() {
+        let tokens = token_cache(100);
+        let now = Instant::now();
+        tokens.insert("live".into(), Token { value: "a".into(), expires: now + Duration::from_secs(300) });
+        tokens.insert("dead".into(), Token { value: "b".into(), expires: now });
+        assert_eq!(tokens.get("live").map(|t| t.value), Some("a".to_string()));
+        assert!(tokens.get("dead").is_none());
+        for i in 0..1000 {
+            tokens.insert(format!("repository:r{i}:pull"), Token { value: "t".into(), expires: now + Duration::from_secs(300) });
+        }
+        tokens.run_pending_tasks();
+        assert!(tokens.entry_count() <= 100, "{} tokens cached", tokens.entry_count());
+    }
+
+    #[tokio::test]
+    async fn a_fetched_token_is_cached_and_its_lock_forgotten() {
+        let body = br#"{"token":"t-1","expires_in":300}"#;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        let realm = serve_once(head.leak(), body.to_vec(), false).await + "/token";
+        let client = Client::new(upstream("http://127.0.0.1:9"));
+        client.fetch_token(&realm, Some("svc"), "repository:a:pull", "repository:a:pull").await.unwrap();
+        assert_eq!(client.cached_token("repository:a:pull").as_deref(), Some("t-1"));
+        assert!(client.token_locks.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_token_fetch_leaves_no_lock_behind() {
+        // A realm that takes the request and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let (taken, request_taken) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            read_head(&mut sock).await;
+            let _ = taken.send(());
+            std::future::pending::<()>().await;
+        });
+        let client = Client::new(upstream("http://127.0.0.1:9"));
+        let mut fetch = Box::pin(client.fetch_token(&realm, None, "repository:a:pull", "repository:a:pull"));
+        tokio::select! {
+            r = &mut fetch => panic!("the realm never answers: {r:?}"),
+            _ = request_taken => {}
+        }
+        assert_eq!(client.token_locks.lock().len(), 1, "the fetch in flight holds its lock");
+        drop(fetch);
+        assert!(client.token_locks.lock().is_empty());
+    }
 }

@@ -33,6 +33,9 @@ pub struct State {
     /// Pause between 1 MiB pieces of a blob body.
     pub blob_piece_delay: Option<Duration>,
     pub require_token: bool,
+    /// Manifests go out with chunked transfer encoding and no Content-Length, so only the bytes
+    /// received tell their size.
+    pub chunked_manifests: bool,
     pub blob_done_at: Vec<Instant>,
     /// Open connections, so `stop` can cut kept-alive ones too.
     conns: Vec<tokio::task::AbortHandle>,
@@ -200,10 +203,10 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
         } else {
             "other"
         };
-        let (fault, require_token, delay) = {
+        let (fault, require_token, delay, chunked) = {
             let mut s = state.lock().unwrap();
             *s.counts.entry(format!("{method} {kind}")).or_default() += 1;
-            (s.fault.clone(), s.require_token, s.blob_piece_delay)
+            (s.fault.clone(), s.require_token, s.blob_piece_delay, s.chunked_manifests)
         };
         if kind == "token" {
             let n = state.lock().unwrap().counts.get("GET token").copied().unwrap_or(0);
@@ -235,6 +238,21 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
             let (repo, reference) = rest.rsplit_once("/manifests/").unwrap();
             let found = state.lock().unwrap().manifests.get(&(repo.to_string(), reference.to_string())).cloned();
             match found {
+                Some((mt, bytes)) if chunked => {
+                    let d = super::digest(&bytes);
+                    let hdr = format!(
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: {mt}\r\nDocker-Content-Digest: {d}\r\n\r\n"
+                    );
+                    sock.write_all(hdr.as_bytes()).await?;
+                    if !head {
+                        for piece in bytes.chunks(64 << 10) {
+                            sock.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+                            sock.write_all(piece).await?;
+                            sock.write_all(b"\r\n").await?;
+                        }
+                        sock.write_all(b"0\r\n\r\n").await?;
+                    }
+                }
                 Some((mt, bytes)) => {
                     let d = super::digest(&bytes);
                     respond(&mut sock, 200, &[("Content-Type", mt), ("Docker-Content-Digest", d)], &bytes, head).await?
