@@ -1,4 +1,5 @@
-//! One upstream fetch per (repository, digest), however many clients ask. The first request
+//! One upstream fetch per digest, however many clients ask and from however many
+//! repositories (each repository that asked is linked when the fill commits). The first request
 //! starts a fill task that writes a temp file while hashing and publishes progress on a watch
 //! channel; every request, first or later, streams from that growing file through its own
 //! read handle. The last byte is held back until the digest verifies, so a corrupt fill ends
@@ -44,13 +45,13 @@ pub struct Fill {
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
     open: Opener,
+    /// Repositories that asked for this digest while it filled: each is linked at the end.
+    repos: Mutex<Vec<String>>,
 }
-
-type Key = (String, Digest);
 
 #[derive(Default)]
 pub struct Fills {
-    active: Mutex<HashMap<Key, Arc<Fill>>>,
+    active: Mutex<HashMap<Digest, Arc<Fill>>>,
 }
 
 impl Fills {
@@ -58,10 +59,25 @@ impl Fills {
         self.active.lock().len()
     }
 
-    /// Joins the fill of `digest` for `repo`, or starts one with `open` as its source.
-    /// Returns the fill and whether this call started it. After a successful fill the blob is
-    /// in the store and linked into `repo`.
-    pub fn join_or_start(
+    /// Whether a fill of `digest` started by other repositories is running.
+    pub fn filling_for_others(&self, repo: &str, digest: &Digest) -> bool {
+        self.active.lock().get(digest).is_some_and(|f| !f.repos.lock().iter().any(|r| r == repo))
+    }
+
+    fn join(&self, repo: &str, digest: &Digest) -> Option<Arc<Fill>> {
+        let f = self.active.lock().get(digest).cloned()?;
+        let mut repos = f.repos.lock();
+        if !repos.iter().any(|r| r == repo) {
+            repos.push(repo.to_string());
+        }
+        drop(repos);
+        Some(f)
+    }
+
+    /// Joins the fill of `digest`, or starts one with `open` as its source. Returns the fill
+    /// and whether this call started it. After a successful fill the blob is in the store and
+    /// linked into every repository that joined.
+    pub async fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
         repo: &str,
@@ -70,23 +86,36 @@ impl Fills {
         source_label: &'static str,
         open: Opener,
     ) -> Result<(Arc<Fill>, bool), OciError> {
-        let key = (repo.to_string(), digest.clone());
-        let mut active = self.active.lock();
-        if let Some(f) = active.get(&key) {
-            return Ok((f.clone(), false));
+        if let Some(f) = self.join(repo, digest) {
+            return Ok((f, false));
         }
-        let writer = store.writer(digest.algorithm())?;
-        let file = Arc::new(File::open(writer.path())?);
+        let writer = store.writer(digest.algorithm()).await?;
+        let file = Arc::new(writer.follower()?);
         let (tx, rx) = watch::channel(Progress::default());
-        let fill = Arc::new(Fill { file, progress: rx, open: open.clone() });
-        active.insert(key.clone(), fill.clone());
-        drop(active);
+        let fill = Arc::new(Fill { file, progress: rx, open: open.clone(), repos: Mutex::new(vec![repo.to_string()]) });
+        let raced = {
+            let mut active = self.active.lock();
+            let raced = active.contains_key(digest);
+            if !raced {
+                active.insert(digest.clone(), fill.clone());
+            }
+            raced
+        };
+        if raced {
+            // Another request started it while this one made its temp file.
+            return match self.join(repo, digest) {
+                Some(f) => Ok((f, false)),
+                None => Box::pin(self.join_or_start(store, repo, digest, stall_timeout, source_label, open)).await,
+            };
+        }
         let fills = self.clone();
         let store = store.clone();
         let source = open(0);
+        let task_fill = fill.clone();
+        let digest = digest.clone();
         metrics::FILLS_IN_FLIGHT.inc();
         tokio::spawn(async move {
-            let result = run(&store, &key, writer, source, &tx, stall_timeout).await;
+            let mut result = run(&store, &digest, repo_of(&task_fill), writer, source, &tx, stall_timeout).await;
             if let Err(e) = &result {
                 if e.code == ErrorCode::DigestInvalid {
                     metrics::DIGEST_MISMATCH.with_label_values(&[source_label]).inc();
@@ -94,11 +123,20 @@ impl Fills {
                 if e.code == ErrorCode::InsufficientStorage {
                     metrics::FILLS_UNCACHED.inc();
                 }
-                tracing::warn!(digest = %key.1, error = %e, "fill failed; nothing cached");
+                tracing::warn!(digest = %digest, error = %e, "fill failed; nothing cached");
             }
             // Leave the table before announcing the end: a request that arrives now finds
-            // the blob in the store (or starts a fresh fill after a failure).
-            fills.active.lock().remove(&key);
+            // the blob in the store (or starts a fresh fill after a failure). No repository
+            // can join after this, so every one that did is linked below.
+            fills.active.lock().remove(&digest);
+            if result.is_ok() {
+                let repos: Vec<String> = task_fill.repos.lock().iter().skip(1).cloned().collect();
+                for r in repos {
+                    if let Err(e) = store.link_blob(&r, &digest, None).await {
+                        result = Err(e.into());
+                    }
+                }
+            }
             metrics::FILLS_IN_FLIGHT.dec();
             tx.send_modify(|p| p.done = Some(result));
         });
@@ -106,9 +144,14 @@ impl Fills {
     }
 }
 
+fn repo_of(fill: &Fill) -> String {
+    fill.repos.lock()[0].clone()
+}
+
 async fn run(
-    store: &Store,
-    key: &Key,
+    store: &Arc<Store>,
+    digest: &Digest,
+    repo: String,
     mut writer: crate::store::BlobWriter,
     source: BoxFuture<'static, Result<Source, OciError>>,
     tx: &watch::Sender<Progress>,
@@ -128,7 +171,7 @@ async fn run(
         if total.is_some_and(|t| writer.written() + chunk.len() as u64 > t) {
             return Err(OciError::msg(ErrorCode::UpstreamUnavailable, "upstream sent more bytes than it announced"));
         }
-        writer.write(&chunk)?;
+        writer.write(chunk).await?;
         let w = writer.written();
         tx.send_modify(|p| p.written = w);
     }
@@ -140,9 +183,7 @@ async fn run(
             ));
         }
     }
-    let (repo, digest) = key;
-    store.commit(writer, digest)?;
-    store.link_blob(repo, digest)?;
+    store.commit(writer, digest, Some((&repo, None))).await?;
     store.cache_used(digest);
     Ok(())
 }
@@ -321,8 +362,9 @@ mod tests {
             o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             source(chunks.lock().take().unwrap(), Some(total), g.clone())
         });
-        let (f1, started1) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", opener.clone()).unwrap();
-        let (f2, started2) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", opener).unwrap();
+        let (f1, started1) = fills.join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", opener.clone()).await.unwrap();
+        // Another repository asking for the same digest joins the same fill.
+        let (f2, started2) = fills.join_or_start(&store, "m/other", &d, Duration::from_secs(5), "blob", opener).await.unwrap();
         assert!(started1 && !started2 && opened.load(std::sync::atomic::Ordering::SeqCst) == 1);
         let mut s1 = f1.stream(0, None);
         let r2 = tokio::spawn(collect(f2.stream(0, None)));
@@ -338,7 +380,8 @@ mod tests {
         rest.extend(collect(s1).await.unwrap());
         assert_eq!(rest, data);
         assert_eq!(r2.await.unwrap().unwrap(), data);
-        assert!(store.blob_linked("m/r", &d));
+        assert!(store.blob_linked("m/r", &d).unwrap());
+        assert!(store.blob_linked("m/other", &d).unwrap(), "every repository that joined is linked");
         assert_eq!(fills.in_flight(), 0);
     }
 
@@ -354,12 +397,13 @@ mod tests {
                 let g = gate.clone();
                 Arc::new(move |_| source(vec![Ok(Bytes::from_static(b"wrong"))], Some(5), g.clone()))
             })
+            .await
             .unwrap();
         gate.add_permits(1);
         let got = collect(f.stream(0, None)).await;
         assert!(got.is_err());
-        assert!(store.blob_size(&d).is_none());
-        assert!(!store.blob_linked("m/r", &d));
+        assert!(store.blob_size(&d).unwrap().is_none());
+        assert!(!store.blob_linked("m/r", &d).unwrap());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
@@ -376,6 +420,7 @@ mod tests {
                 let g = gate.clone();
                 Arc::new(move |_| source(vec![Ok(Bytes::from_static(b"01234")), Ok(Bytes::from_static(b"56789"))], Some(10), g.clone()))
             })
+            .await
             .unwrap();
         let r = tokio::spawn(collect(f.stream(2, Some(7))));
         gate.add_permits(1);

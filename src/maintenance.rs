@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 pub struct Maintenance {
     pub registry: Arc<Registry>,
@@ -14,14 +14,21 @@ pub struct Maintenance {
 
 impl Maintenance {
     /// Removes upload sessions idle for longer than the TTL; returns how many.
-    pub fn expire_uploads(registry: &Registry) -> usize {
-        let ttl = registry.config.storage.upload_ttl;
+    pub async fn expire_uploads(registry: &Registry) -> usize {
+        let ttl = registry.config.storage.upload_ttl.as_millis() as u64;
         let uploads = &registry.store.uploads;
-        let now = SystemTime::now();
+        let now = crate::store::now_ms();
+        let list = match uploads.list() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing upload sessions");
+                return 0;
+            }
+        };
         let mut n = 0;
-        for (id, last) in uploads.list() {
-            if now.duration_since(last).unwrap_or_default() >= ttl {
-                uploads.remove(&id);
+        for (id, last) in list {
+            if now.saturating_sub(last) >= ttl {
+                uploads.remove(&id).await;
                 n += 1;
             }
         }
@@ -41,7 +48,7 @@ impl BackgroundService for Maintenance {
                 _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.changed() => return,
             }
-            let expired = Self::expire_uploads(&self.registry);
+            let expired = Self::expire_uploads(&self.registry).await;
             if expired > 0 {
                 tracing::info!(expired, "removed expired upload sessions");
             }

@@ -42,18 +42,26 @@ pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
 
 /// Verifies the whole store. Returns whether it was consistent, and the report.
 pub fn fsck(config: Config, repair: bool) -> Result<(bool, String), String> {
-    if repair {
-        if let Some(addr) = running_admin(&config) {
-            return Err(format!("berth is running (admin listener {addr} answers); stop it before fsck --repair"));
-        }
+    // The metadata database takes one process at a time.
+    if let Some(addr) = running_admin(&config) {
+        let what = if repair { "fsck --repair" } else { "fsck" };
+        return Err(format!("berth is running (admin listener {addr} answers); stop it before {what}"));
     }
     let store =
         Store::open(&config.storage_root).map_err(|e| format!("cannot open the store at {}: {e}", config.storage_root.display()))?;
-    store.set_cache_roots(config.upstreams.iter().map(|u| u.name.clone()).collect());
+    store
+        .set_classes(crate::store::Classes {
+            cache_roots: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            namespaces: config.namespaces.iter().map(|n| n.prefix.clone()).collect(),
+        })
+        .map_err(|e| format!("fsck failed: {e}"))?;
     let r = store.fsck(repair).map_err(|e| format!("fsck failed: {e}"))?;
     let mut out = String::new();
     for p in &r.problems {
         out.push_str(&format!("problem: {p}\n"));
+    }
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
     }
     out.push_str(&format!("{} blobs verified, {} problems, {} repaired\n", r.blobs_checked, r.problems.len(), r.repaired));
     Ok((r.problems.is_empty(), out))

@@ -24,7 +24,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open the store at {path}: {source}")]
-    Store { path: String, source: std::io::Error },
+    Store { path: String, source: crate::store::StoreError },
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the server: {0}")]
@@ -151,7 +151,7 @@ pub struct Built {
 
 pub fn build(config: Config) -> Result<Built, StartError> {
     let config = Arc::new(config);
-    let store = Store::open(&config.storage_root)
+    let store = Store::open_with_limits(&config.storage_root, config.store_limits())
         .map_err(|source| StartError::Store { path: config.storage_root.display().to_string(), source })?;
     crate::metrics::init(&config.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>());
     let registry = Registry::new(config.clone(), store.clone()).map_err(StartError::Auth)?;
@@ -181,9 +181,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
     if let Some(addr) = config.admin_listen {
         let listener =
             std::net::TcpListener::bind(addr).map_err(|source| StartError::Listen { key: "server.admin_listen", addr, source })?;
-        let namespaces = config.namespaces.clone();
-        let is_hosted = Arc::new(move |repo: &str| namespaces.iter().any(|n| n.matches(repo)));
-        Admin::new(health.clone(), store.clone(), is_hosted)
+        Admin::new(health.clone(), store.clone())
             .with_registry(registry.clone())
             .spawn(listener)
             .map_err(|e| StartError::Server(format!("admin listener: {e}")))?;

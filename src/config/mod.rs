@@ -55,6 +55,11 @@ struct ServerFile {
     tls_listen: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    write_timeout: Duration,
+    min_send_rate: bytesize::ByteSize,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
 }
 
 impl Default for ServerFile {
@@ -67,6 +72,9 @@ impl Default for ServerFile {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            write_timeout: Duration::from_secs(30),
+            min_send_rate: bytesize::ByteSize::kib(8),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -82,6 +90,8 @@ struct StorageFile {
     gc_interval: Duration,
     #[serde(with = "humantime_serde")]
     gc_grace: Duration,
+    upload_sessions_per_client: usize,
+    upload_sessions_per_repository: usize,
 }
 
 impl Default for StorageFile {
@@ -92,6 +102,8 @@ impl Default for StorageFile {
             upload_ttl: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(3600),
+            upload_sessions_per_client: 128,
+            upload_sessions_per_repository: 512,
         }
     }
 }
@@ -212,6 +224,7 @@ pub struct Config {
     pub tls: Option<TlsListener>,
     pub grace_period: Duration,
     pub threads: usize,
+    pub clients: ClientLimits,
     pub storage_root: PathBuf,
     pub storage: StorageLimits,
     pub log_format: LogFormat,
@@ -248,6 +261,19 @@ pub struct TlsListener {
     pub identity: crate::tls::Identity,
 }
 
+/// How long a client may keep a request waiting on it: a stalled or trickling client must not
+/// hold a connection (and what it pins) indefinitely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// A response write the client accepts nothing of for this long ends the connection.
+    pub write_timeout: Duration,
+    /// Response bodies slower than this many bytes per second end the connection; `None`: no
+    /// floor (only `write_timeout`).
+    pub min_send_rate: Option<u64>,
+    /// A request body that sends nothing for this long ends the request.
+    pub body_read_timeout: Duration,
+}
+
 /// Lifecycle settings of the store.
 #[derive(Debug, Clone)]
 pub struct StorageLimits {
@@ -258,6 +284,20 @@ pub struct StorageLimits {
     /// Unreferenced hosted blobs younger than this survive GC: a push in progress has
     /// uploaded its layers but not yet its manifest.
     pub gc_grace: Duration,
+    /// Open upload sessions one client address, and one repository, may hold.
+    pub upload_sessions_per_client: usize,
+    pub upload_sessions_per_repository: usize,
+}
+
+impl Config {
+    /// The store's share of the configuration.
+    pub fn store_limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
+            uploads_per_client: self.storage.upload_sessions_per_client,
+            uploads_per_repository: self.storage.upload_sessions_per_repository,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -442,10 +482,23 @@ impl Config {
                 return Err(invalid("namespace.prefix", format!("{} is shadowed by upstream {}", n.prefix, u.name)));
             }
         }
+        if f.storage.upload_sessions_per_client == 0 || f.storage.upload_sessions_per_repository == 0 {
+            return Err(invalid("storage.upload_sessions_per_client", "upload session caps must be at least 1"));
+        }
         let threads = f.server.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         if threads == 0 {
             return Err(invalid("server.threads", "must be at least 1"));
         }
+        for (key, d) in [("server.write_timeout", f.server.write_timeout), ("server.body_read_timeout", f.server.body_read_timeout)] {
+            if d < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
+        }
+        let clients = ClientLimits {
+            write_timeout: f.server.write_timeout,
+            min_send_rate: Some(f.server.min_send_rate.as_u64()).filter(|r| *r > 0),
+            body_read_timeout: f.server.body_read_timeout,
+        };
         let auth = match (f.auth, users) {
             (Some(a), Some(users)) => Some(auth_config(a, users, policy)?),
             _ => None,
@@ -456,11 +509,14 @@ impl Config {
             tls,
             grace_period: f.server.grace_period,
             threads,
+            clients,
             storage: StorageLimits {
                 max_cache_bytes: f.storage.max_cache_bytes.map(|b| b.as_u64()),
                 upload_ttl: f.storage.upload_ttl,
                 gc_interval: f.storage.gc_interval,
                 gc_grace: f.storage.gc_grace,
+                upload_sessions_per_client: f.storage.upload_sessions_per_client,
+                upload_sessions_per_repository: f.storage.upload_sessions_per_repository,
             },
             storage_root: f.storage.root,
             log_format: f.log.format,
@@ -575,6 +631,32 @@ mod tests {
         let c = Config::parse("[server]\nlisten = \"0.0.0.0:5000\"\n", "t").unwrap();
         assert!(c.open_beyond_loopback());
         assert!(!Config::parse("[server]\nlisten = \"127.0.0.1:5000\"\n", "t").unwrap().open_beyond_loopback());
+    }
+
+    #[test]
+    fn client_limits_default_and_parse() {
+        let c = Config::embedded_default();
+        let want = ClientLimits {
+            write_timeout: Duration::from_secs(30),
+            min_send_rate: Some(8 << 10),
+            body_read_timeout: Duration::from_secs(60),
+        };
+        assert_eq!(c.clients, want);
+        let c = Config::parse("[server]\nwrite_timeout = \"5s\"\nmin_send_rate = \"1MiB\"\nbody_read_timeout = \"2m\"\n", "t").unwrap();
+        assert_eq!(
+            c.clients,
+            ClientLimits {
+                write_timeout: Duration::from_secs(5),
+                min_send_rate: Some(1 << 20),
+                body_read_timeout: Duration::from_secs(120)
+            }
+        );
+        let c = Config::parse("[server]\nmin_send_rate = \"0\"\n", "t").unwrap();
+        assert_eq!(c.clients.min_send_rate, None);
+        let e = Config::parse("[server]\nwrite_timeout = \"0s\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("server.write_timeout"), "{e}");
+        let e = Config::parse("[server]\nbody_read_timeout = \"100ms\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("server.body_read_timeout"), "{e}");
     }
 
     #[test]

@@ -8,13 +8,12 @@
 use crate::metrics;
 use crate::store::Store;
 use bytes::Bytes;
-use parking_lot::Mutex;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Readiness: set once the store is open and the listeners accept; cleared when draining.
 #[derive(Default)]
@@ -29,21 +28,15 @@ impl Health {
     }
 }
 
-/// Walking the store is not free: scrapes closer together than this share one walk.
-const USAGE_MAX_AGE: Duration = Duration::from_secs(5);
-
 pub struct Admin {
     pub health: Arc<Health>,
     pub store: Arc<Store>,
-    /// Is this repository in a hosted namespace (as opposed to a mirror's cache)?
-    pub is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>,
-    usage_at: Mutex<Option<Instant>>,
     registry: Option<Arc<crate::registry::Registry>>,
 }
 
 impl Admin {
-    pub fn new(health: Arc<Health>, store: Arc<Store>, is_hosted: Arc<dyn Fn(&str) -> bool + Send + Sync>) -> Arc<Admin> {
-        Arc::new(Admin { health, store, is_hosted, usage_at: Mutex::new(None), registry: None })
+    pub fn new(health: Arc<Health>, store: Arc<Store>) -> Arc<Admin> {
+        Arc::new(Admin { health, store, registry: None })
     }
 
     /// Enables `POST /gc` against this registry.
@@ -140,24 +133,15 @@ impl Admin {
         }
     }
 
-    /// Gauges read from the store rather than kept up to date by every writer.
+    /// Gauges read from the store's counters: O(1) whatever the store's size.
     async fn refresh_gauges(&self) {
         metrics::UPLOADS_IN_PROGRESS.set(self.store.uploads.in_progress() as i64);
-        {
-            let mut at = self.usage_at.lock();
-            if at.is_some_and(|t| t.elapsed() < USAGE_MAX_AGE) {
-                return;
-            }
-            *at = Some(Instant::now());
-        }
-        let (store, is_hosted) = (self.store.clone(), self.is_hosted.clone());
-        match tokio::task::spawn_blocking(move || store.usage(|r| is_hosted(r))).await {
-            Ok(Ok(u)) => {
+        match self.store.usage() {
+            Ok(u) => {
                 metrics::STORE_BYTES.with_label_values(&["hosted"]).set(u.hosted as i64);
                 metrics::STORE_BYTES.with_label_values(&["cache"]).set(u.cache as i64);
             }
-            Ok(Err(e)) => tracing::warn!("measuring the store: {e}"),
-            Err(e) => tracing::warn!("measuring the store: {e}"),
+            Err(e) => tracing::warn!("reading the store's usage: {e}"),
         }
     }
 }

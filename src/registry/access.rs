@@ -149,13 +149,25 @@ impl Registry {
         // A token grants the catalog, not its entries: each entry is checked against the
         // policy for the token's user, as a password caller's would be.
         let user = caller.user();
-        let visible: Vec<String> = self
-            .store
-            .repositories()
-            .into_iter()
-            .filter(|name| self.resolve(name, None).is_ok_and(|t| self.rules_for(&t).allows(user, Action::Pull)))
-            .collect();
-        listing::paged_json(req, "repositories", None, &visible)
+        let visible = |name: &String| self.resolve(name, None).is_ok_and(|t| self.rules_for(&t).allows(user, Action::Pull));
+        listing::paged_json(req, "repositories", None, |last, n| {
+            // Read the store page by page until the caller's page is full.
+            let mut out = Vec::new();
+            let mut after = last.map(str::to_string);
+            loop {
+                let (page, more) = self.store.repositories(after.as_deref(), listing::MAX_PAGE)?;
+                after = page.last().cloned();
+                for name in page.iter().filter(|p| visible(p)) {
+                    if out.len() == n {
+                        return Ok((out, true));
+                    }
+                    out.push(name.clone());
+                }
+                if !more {
+                    return Ok((out, false));
+                }
+            }
+        })
     }
 
     /// A cross-repository mount lends a blob from `from`; without pull rights there the mount

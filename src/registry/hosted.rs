@@ -5,7 +5,8 @@ use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
 use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName, Tag};
 use crate::registry::Registry;
-use crate::store::ManifestMeta;
+use crate::store::upload::{Appender, Session, Uploads};
+use crate::store::{ManifestMeta, TagExpect};
 use bytes::{Bytes, BytesMut};
 use http::Method;
 
@@ -23,18 +24,18 @@ pub async fn handle(
         Endpoint::Manifest { reference, .. } => match *m {
             Method::GET | Method::HEAD => {
                 let d = match reference {
-                    Reference::Tag(t) => store.tag_digest(r, t.as_str()).ok_or_else(|| manifest_unknown(repo, reference))?,
+                    Reference::Tag(t) => store.tag_digest(r, t.as_str())?.ok_or_else(|| manifest_unknown(repo, reference))?,
                     Reference::Digest(d) => d.clone(),
                 };
-                let meta = store.manifest_meta(r, &d).ok_or_else(|| manifest_unknown(repo, reference))?;
+                let meta = store.manifest_meta(r, &d)?.ok_or_else(|| manifest_unknown(repo, reference))?;
                 serve::manifest(store, &d, &meta)
             }
             Method::PUT => put_manifest(reg, req, repo, reference, body).await,
             Method::DELETE => {
-                reg.check_immutable_delete(r, reference)?;
+                let immutable = reg.immutable_of(r);
                 let found = match reference {
-                    Reference::Digest(d) => store.delete_manifest(r, d)?,
-                    Reference::Tag(t) => store.delete_tag(r, t.as_str())?,
+                    Reference::Digest(d) => store.delete_manifest(r, d, immutable).await?,
+                    Reference::Tag(t) => store.delete_tag(r, t.as_str(), immutable(t.as_str())).await?,
                 };
                 if !found {
                     return Err(manifest_unknown(repo, reference));
@@ -45,13 +46,13 @@ pub async fn handle(
         },
         Endpoint::Blob { digest, .. } => match *m {
             Method::GET | Method::HEAD => {
-                if !store.blob_linked(r, digest) {
+                if !store.blob_linked(r, digest)? {
                     return Err(blob_unknown(digest));
                 }
                 serve::blob(store, digest, req.header("range"))?.ok_or_else(|| blob_unknown(digest))
             }
             Method::DELETE => {
-                if !store.unlink_blob(r, digest)? {
+                if !store.unlink_blob(r, digest).await? {
                     return Err(blob_unknown(digest));
                 }
                 Ok(Response::new(202))
@@ -134,25 +135,7 @@ async fn put_manifest(
             .map(|(_, v)| Tag::parse(&v).ok_or_else(|| OciError::msg(ErrorCode::ManifestInvalid, format!("invalid tag {v:?}"))))
             .collect::<Result<_, _>>()?,
     };
-    for t in &tags {
-        reg.check_immutable_move(r, t.as_str(), &digest)?;
-    }
     reg.check_quota(r, &digest, bytes.len() as u64)?;
-    // Held until the manifest is written: GC cannot sweep a blob between this check and
-    // the write that makes it referenced.
-    let _no_gc = store.gc_lock.read().await;
-    for b in &info.blobs {
-        if !store.blob_linked(r, b) || store.blob_size(b).is_none() {
-            return Err(OciError::msg(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}"))
-                .detail(serde_json::json!({"digest": b.to_string()})));
-        }
-    }
-    for c in &info.children {
-        if store.manifest_meta(r, c).is_none() {
-            return Err(OciError::msg(ErrorCode::ManifestBlobUnknown, format!("manifest {c} is not in {repo}"))
-                .detail(serde_json::json!({"digest": c.to_string()})));
-        }
-    }
     let meta = ManifestMeta {
         media_type: info.media_type.clone(),
         size: bytes.len() as u64,
@@ -160,10 +143,21 @@ async fn put_manifest(
         artifact_type: info.effective_artifact_type(),
         annotations: info.annotations.clone(),
     };
-    store.put_manifest(r, &digest, bytes, meta, tags.first().map(Tag::as_str))?;
-    for t in tags.iter().skip(1) {
-        store.set_tag(r, t.as_str(), &digest)?;
-    }
+    // One transaction: the references are checked (and their grace refreshed, so GC cannot
+    // take them), immutability and quota are checked, the manifest and its tags are written.
+    store
+        .put_manifest(
+            r,
+            &digest,
+            bytes,
+            meta,
+            tags.iter().map(|t| t.as_str().to_string()).collect(),
+            TagExpect::Any,
+            (info.blobs.clone(), info.children.clone()),
+            reg.immutable_of(r),
+            reg.quota_of(r),
+        )
+        .await?;
     let mut resp =
         Response::new(201).header("Location", format!("/v2/{repo}/manifests/{digest}")).header("Docker-Content-Digest", digest.to_string());
     if matches!(reference, Reference::Digest(_)) {
@@ -196,18 +190,23 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
             // A mount names the source by its client-visible name; only hosted sources whose
             // link exists can lend a blob, so a private blob is never reachable by guessing.
             if let Ok(super::Target::Hosted(src)) = reg.resolve(&from, None) {
-                if store.blob_linked(src.as_str(), &d) && store.blob_size(&d).is_some() {
-                    store.link_blob(repo.as_str(), &d)?;
-                    return Ok(created(repo, &d));
+                if store.blob_linked(src.as_str(), &d)? {
+                    // The blob may be swept between the check and the link: then the client
+                    // uploads it, as after any refused mount.
+                    match store.link_blob(repo.as_str(), &d, reg.quota_of(repo.as_str())).await {
+                        Ok(()) => return Ok(created(repo, &d)),
+                        Err(crate::store::StoreError::BlobMissing(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
         }
     }
     if let Some(dg) = req.param("digest") {
         let d = Digest::parse(&dg)?;
-        let mut w = store.writer(d.algorithm())?;
+        let mut w = store.writer(d.algorithm()).await?;
         while let Some(c) = body.chunk().await? {
-            w.write(&c)?;
+            w.write(c).await?;
         }
         if let Some(n) = declared_length(req) {
             if n != w.written() {
@@ -215,15 +214,13 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
             }
         }
         reg.check_quota(repo.as_str(), &d, w.written())?;
-        store.commit(w, &d)?;
-        store.link_blob(repo.as_str(), &d)?;
+        store.commit(w, &d, Some((repo.as_str(), reg.quota_of(repo.as_str())))).await?;
         return Ok(created(repo, &d));
     }
-    let handle = store.uploads.create(repo.as_str())?;
+    let client = req.client.map(|c| c.to_string()).unwrap_or_default();
+    let handle = store.uploads.create(repo.as_str(), &client).await?;
     let mut s = handle.lock().await;
-    while let Some(c) = body.chunk().await? {
-        append(&reg.store.uploads, &mut s, &c)?;
-    }
+    append(&store.uploads, &mut s, body).await?;
     Ok(upload_headers(Response::new(202), repo, &s.id, s.offset()))
 }
 
@@ -255,31 +252,21 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
     let uploads = &reg.store.uploads;
     let handle = uploads.get(id, repo.as_str())?;
     let mut s = handle.lock().await;
-    uploads.check_owner(&s, repo.as_str())?;
-    if !uploads.exists(id) {
-        return Err(OciError::msg(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or has expired")));
-    }
+    uploads.ready(&mut s, repo.as_str()).await?;
     match *req.method {
         Method::GET | Method::HEAD => Ok(upload_headers(Response::new(204), repo, id, s.offset())),
         Method::DELETE => {
-            drop(s);
-            uploads.remove(id);
+            uploads.remove_locked(&mut s).await;
             Ok(Response::new(204))
         }
         Method::PATCH => {
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            let before = s.offset();
-            while let Some(c) = body.chunk().await? {
-                append(&reg.store.uploads, &mut s, &c)?;
-            }
+            let received = append(uploads, &mut s, body).await?;
             if let Some(n) = declared_length(req) {
-                if s.offset() - before != n {
-                    return Err(OciError::msg(
-                        ErrorCode::SizeInvalid,
-                        format!("received {} bytes, Content-Length said {n}", s.offset() - before),
-                    ));
+                if received != n {
+                    return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {received} bytes, Content-Length said {n}")));
                 }
             }
             Ok(upload_headers(Response::new(202), repo, id, s.offset()))
@@ -293,30 +280,23 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            while let Some(c) = body.chunk().await? {
-                append(&reg.store.uploads, &mut s, &c)?;
-            }
+            append(uploads, &mut s, body).await?;
             if let Err(e) = reg.check_quota(repo.as_str(), &d, s.offset()) {
-                drop(s);
-                uploads.remove(id);
+                uploads.remove_locked(&mut s).await;
                 return Err(e);
             }
-            uploads.commit(&reg.store, &mut s, &d)?;
-            reg.store.link_blob(repo.as_str(), &d)?;
+            uploads.commit(&reg.store, &mut s, &d, reg.quota_of(repo.as_str())).await?;
             Ok(created(repo, &d))
         }
         _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
     }
 }
 
-/// Appends to an upload; a full disk ends the session and frees what it held, so a failed
-/// push leaves nothing behind.
-fn append(uploads: &crate::store::upload::Uploads, s: &mut crate::store::upload::Session, data: &[u8]) -> Result<(), OciError> {
-    s.append(data).map_err(|e| {
-        let err = OciError::from(e);
-        if err.code == ErrorCode::InsufficientStorage {
-            uploads.remove(&s.id);
-        }
-        err
-    })
+/// Appends a request body to an upload session, chunk by chunk as it arrives.
+async fn append(uploads: &Uploads, s: &mut Session, body: &mut dyn RequestBody) -> Result<u64, OciError> {
+    let mut a = Appender::default();
+    while let Some(c) = body.chunk().await? {
+        uploads.write(s, &mut a, c).await?;
+    }
+    Ok(uploads.finish(s, a).await?)
 }

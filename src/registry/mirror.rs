@@ -113,7 +113,7 @@ impl Mirror {
         let _ = req;
         match reference {
             Reference::Digest(d) => {
-                if let Some(meta) = self.store.manifest_meta(key, d) {
+                if let Some(meta) = self.store.manifest_meta(key, d)? {
                     self.store.cache_used(d);
                     count("hit");
                     outcome.cache = Some("hit");
@@ -126,7 +126,10 @@ impl Mirror {
             }
             Reference::Tag(tag) => {
                 let tag_key = format!("{key}:{tag}");
-                let cached = self.store.tag_digest(key, tag.as_str()).and_then(|d| self.store.manifest_meta(key, &d).map(|m| (d, m)));
+                let cached = match self.store.tag_digest(key, tag.as_str())? {
+                    Some(d) => self.store.manifest_meta(key, &d)?.map(|m| (d, m)),
+                    None => None,
+                };
                 let Some((cd, cmeta)) = cached else {
                     let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
                     self.tag_checked.insert(tag_key, Instant::now());
@@ -158,7 +161,7 @@ impl Mirror {
                     }
                     Ok(r) if r.status().as_u16() == 404 => {
                         // The upstream is authoritative for its tags: a tag it no longer has is gone.
-                        self.store.delete_tag(key, tag.as_str())?;
+                        self.store.delete_tag(key, tag.as_str(), false).await?;
                         self.tag_checked.invalidate(&tag_key);
                         return Err(OciError::msg(
                             ErrorCode::ManifestUnknown,
@@ -257,7 +260,7 @@ impl Mirror {
     ) -> Result<Response, OciError> {
         let count = |result: &'static str| metrics::CACHE_REQUESTS.with_label_values(&["blob", result]).inc();
         let range = req.header("range");
-        if self.store.blob_linked(key, d) {
+        if self.store.blob_linked(key, d)? {
             if let Some(r) = serve::blob(&self.store, d, range)? {
                 self.store.cache_used(d);
                 count("hit");
@@ -273,28 +276,33 @@ impl Mirror {
         let blob_unknown = || OciError::msg(ErrorCode::BlobUnknown, format!("blob {d} is not in {}/{repo}", upstream.name));
         // The bytes may already be here from another repository; the upstream still decides
         // whether this repository has them (a HEAD costs no download).
-        if self.store.blob_size(d).is_some() || *req.method == Method::HEAD {
+        // Joining another repository's fill shares its download, not its permission: this
+        // repository's upstream must have the blob too.
+        let joins_other = self.fills.filling_for_others(key, d);
+        if self.store.blob_size(d)?.is_some() || *req.method == Method::HEAD || joins_other {
             let r = client.send(Method::HEAD, repo.as_str(), &path, None).await.map_err(|e| e.to_oci(&upstream.name))?;
             match r.status().as_u16() {
                 200 => {}
                 404 => return Err(blob_unknown()),
                 s => return Err(UpstreamError::Status(s, String::new()).to_oci(&upstream.name)),
             }
-            if self.store.blob_size(d).is_some() {
-                self.store.link_blob(key, d)?;
+            if self.store.blob_size(d)?.is_some() {
+                self.store.link_blob(key, d, None).await?;
                 count("hit");
                 outcome.cache = Some("hit");
                 return serve::blob(&self.store, d, range)?.map(|r| cache_header(r, "hit")).ok_or_else(blob_unknown);
             }
-            let mut resp = Response::new(200)
-                .header("Docker-Content-Digest", d.to_string())
-                .header("Content-Type", "application/octet-stream")
-                .header("X-Berth-Cache", "miss");
-            // Not `r.content_length()`: a HEAD response has an empty body, whose length is 0.
-            resp.content_length =
-                r.headers().get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-            outcome.cache = Some("miss");
-            return Ok(resp);
+            if *req.method == Method::HEAD {
+                let mut resp = Response::new(200)
+                    .header("Docker-Content-Digest", d.to_string())
+                    .header("Content-Type", "application/octet-stream")
+                    .header("X-Berth-Cache", "miss");
+                // Not `r.content_length()`: a HEAD response has an empty body, whose length is 0.
+                resp.content_length =
+                    r.headers().get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+                outcome.cache = Some("miss");
+                return Ok(resp);
+            }
         }
         let d2 = d.clone();
         let repo2 = repo.clone();
@@ -334,7 +342,7 @@ impl Mirror {
             }
             .boxed()
         });
-        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", opener.clone()) {
+        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", opener.clone()).await {
             Ok(x) => x,
             Err(e) if e.code == ErrorCode::InsufficientStorage => {
                 // Not even a temp file fits: stream straight from upstream, uncached.
@@ -412,10 +420,12 @@ impl Mirror {
 
     /// During an outage, the tags berth has cached are the best answer it has.
     fn cached_tags(&self, req: &Request<'_>, key: &str, e: UpstreamError, upstream: &str) -> Result<Response, OciError> {
-        match (e.is_outage(), self.store.tags(key)) {
-            (true, Some(tags)) => Ok(super::listing::paged_json(req, "tags", Some(key), &tags)?.header("X-Berth-Cache", "stale")),
-            _ => Err(e.to_oci(upstream)),
+        if e.is_outage() && self.store.meta().repo_exists(key)? {
+            let page =
+                super::listing::paged_json(req, "tags", Some(key), |last, n| Ok(self.store.tags(key, last, n)?.unwrap_or_default()))?;
+            return Ok(page.header("X-Berth-Cache", "stale"));
         }
+        Err(e.to_oci(upstream))
     }
 
     async fn referrers(&self, upstream: &Upstream, repo: &RepoName, key: &str, d: &Digest) -> Result<Response, OciError> {
@@ -432,7 +442,7 @@ impl Mirror {
             }
         }
         // Upstreams without the referrers API (or unreachable): what berth has cached.
-        let list = self.store.referrers(key, d);
+        let list = self.store.referrers(key, d)?;
         let body = serde_json::json!({"schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": list});
         Ok(Response::new(200).header("Content-Type", manifest::OCI_INDEX).body(Body::Full(serde_json::to_vec(&body).expect("json").into())))
     }
@@ -510,7 +520,19 @@ async fn fetch_manifest(
         Reference::Tag(t) => Some(t.as_str()),
         Reference::Digest(_) => None,
     };
-    store.put_manifest(&key, &actual, bytes.clone(), meta.clone(), tag)?;
+    store
+        .put_manifest(
+            &key,
+            &actual,
+            bytes.clone(),
+            meta.clone(),
+            tag.map(|t| vec![t.to_string()]).unwrap_or_default(),
+            crate::store::TagExpect::Any,
+            (Vec::new(), Vec::new()),
+            Arc::new(|_: &str| false),
+            None,
+        )
+        .await?;
     store.cache_used(&actual);
     Ok((actual, meta, bytes))
 }

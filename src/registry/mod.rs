@@ -8,6 +8,7 @@ mod listing;
 pub mod mirror;
 mod response;
 mod serve;
+mod store_error;
 mod token;
 
 pub use response::{Body, Response};
@@ -85,11 +86,16 @@ pub struct Outcome {
 }
 
 impl Registry {
-    /// Fails only when access control cannot be set up (the token signing key).
+    /// Fails only when access control cannot be set up (the token signing key) or the store
+    /// cannot take the configured grouping.
     pub fn new(config: Arc<Config>, store: Arc<Store>) -> Result<Arc<Registry>, String> {
         let mirror = mirror::Mirror::new(&config, store.clone());
-        store.set_cache_roots(config.upstreams.iter().map(|u| u.name.clone()).collect());
-        store.set_cache_limit(config.storage.max_cache_bytes);
+        let classes = crate::store::Classes {
+            cache_roots: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            namespaces: config.namespaces.iter().map(|n| n.prefix.clone()).collect(),
+        };
+        store.set_classes(classes).map_err(|e| format!("store: {e}"))?;
+        store.set_cache_limit(config.storage.max_cache_bytes).map_err(|e| format!("store: {e}"))?;
         let auth = match &config.auth {
             Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &config.storage_root)?)),
             None => None,
@@ -102,51 +108,38 @@ impl Registry {
         policy_for(&self.config, &self.store, repo)
     }
 
-    /// Immutable tags are pushed once: moving one to another digest is refused.
-    pub fn check_immutable_move(&self, repo: &str, tag: &str, to: &crate::oci::Digest) -> Result<(), OciError> {
+    /// Which tags of `repo` are immutable, for the store to check inside its write.
+    pub fn immutable_of(&self, repo: &str) -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
         let policy = self.policy_of(repo).unwrap_or_default();
-        match self.store.tag_digest(repo, tag) {
-            Some(cur) if &cur != to && policy.is_immutable(tag) => {
-                Err(OciError::msg(ErrorCode::Denied, format!("tag {repo}:{tag} is immutable and already points at {cur}")))
-            }
-            _ => Ok(()),
+        if policy.immutable_tags.is_empty() {
+            return Arc::new(|_: &str| false);
         }
+        Arc::new(move |t: &str| policy.is_immutable(t))
     }
 
-    /// Immutable tags are never deleted, nor the manifests they point at.
-    pub fn check_immutable_delete(&self, repo: &str, reference: &crate::oci::Reference) -> Result<(), OciError> {
-        let policy = self.policy_of(repo).unwrap_or_default();
-        let tags = self.store.tags(repo).unwrap_or_default();
-        let pinned = tags.iter().filter(|t| policy.is_immutable(t)).find(|t| match reference {
-            crate::oci::Reference::Tag(x) => x.as_str() == t.as_str(),
-            crate::oci::Reference::Digest(d) => self.store.tag_digest(repo, t).as_ref() == Some(d),
-        });
-        match pinned {
-            Some(t) => Err(OciError::msg(ErrorCode::Denied, format!("tag {repo}:{t} is immutable and cannot be deleted"))),
-            None => Ok(()),
-        }
+    /// The quota of the namespace holding `repo`, checked by the store inside its write.
+    pub fn quota_of(&self, repo: &str) -> Option<u64> {
+        let group = self.store.group_of(repo);
+        self.config.namespaces.iter().find(|n| n.prefix == group).and_then(|n| n.policy.quota_bytes)
     }
 
-    /// Refuses content that would take the repository's namespace over its quota.
+    /// Refuses early, before a body is read, content that would take the namespace over its
+    /// quota; the store checks again when it links the content.
     pub fn check_quota(&self, repo: &str, d: &crate::oci::Digest, size: u64) -> Result<(), OciError> {
-        let Some(ns) = self.config.namespaces.iter().find(|n| n.matches(repo)) else { return Ok(()) };
-        let Some(quota) = ns.policy.quota_bytes else { return Ok(()) };
-        let used = self.store.usage_of(&|r| ns.matches(r));
-        if self.store.blob_linked(repo, d) || used.1.contains(d) {
-            // Already counted: a re-push or a blob the namespace holds elsewhere.
+        let Some(quota) = self.quota_of(repo) else { return Ok(()) };
+        if self.store.blob_linked(repo, d)? {
             return Ok(());
         }
-        if used.0 + size > quota {
-            return Err(OciError::msg(
-                ErrorCode::Denied,
-                format!("namespace {} would use {} of its {quota}-byte quota; delete content first", ns.prefix, used.0 + size),
-            ));
+        let group = self.store.group_of(repo);
+        let used = self.store.group_bytes(&group)?;
+        if used + size > quota {
+            return Err(crate::store::StoreError::Quota { namespace: group, would_use: used + size, quota }.into());
         }
         Ok(())
     }
 
     /// Runs retention and garbage collection over the whole store.
-    pub async fn gc(&self, dry_run: bool) -> std::io::Result<crate::store::gc::GcReport> {
+    pub async fn gc(&self, dry_run: bool) -> Result<crate::store::gc::GcReport, crate::store::StoreError> {
         let (config, store) = (self.config.clone(), self.store.clone());
         let policy_of: crate::store::gc::PolicyOf = Arc::new(move |repo: &str| policy_for(&config, &store, repo));
         self.store.gc(policy_of, self.config.storage.gc_grace, dry_run).await

@@ -1,403 +1,500 @@
-//! Bytes on disk. Content-addressed blobs (`blobs/<algo>/<2 hex>/<hex>`), per-repository links,
-//! manifests and tags, upload sessions. Every write goes to a temp file on the same filesystem
-//! while hashing, then fsync and rename, so a crash never leaves a partial object under its
-//! final name. Disk is the truth; the in-memory index is rebuilt from it at open.
-//! Never imports pingora or the upstream client: the registry and the mirror share it.
+//! Storage: the interface ([`traits`]: a content-addressed [`BlobStore`] and a [`MetaStore`]),
+//! its local backend ([`local`]: files plus redb), and what is written once against the
+//! interface: verify-then-publish, upload sessions, GC, fsck, the cache bound and usage.
+//! Blocking work (hashing, fsync, commits, walks) runs on blocking threads; the async workers
+//! only do point reads. Never imports pingora, the registry or the upstream client.
 
 mod cache;
+pub mod error;
 pub mod fsck;
 pub mod gc;
-mod index;
+pub mod local;
 pub mod policy;
+pub mod traits;
 pub mod upload;
-mod usage;
 
-pub use index::{ManifestMeta, RepoIndex};
-pub use usage::Usage;
+pub use error::StoreError;
+pub use traits::{BlobBody, BlobStore, Classes, ManifestMeta, MetaStore, TagExpect, Usage};
 
-use crate::oci::{Algorithm, Digest, ErrorCode, Hasher, OciError};
+use crate::oci::{Algorithm, Digest, Hasher};
 use bytes::Bytes;
-use parking_lot::RwLock;
-use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use error::Result;
+use parking_lot::{Mutex, RwLock};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use traits::{BlobTemp, ManifestPut};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Runs blocking storage work off the async workers.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Limits of the store that come from configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub uploads_per_client: usize,
+    pub uploads_per_repository: usize,
+    /// The metadata database's page cache.
+    pub meta_cache_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { uploads_per_client: 128, uploads_per_repository: 512, meta_cache_bytes: 64 << 20 }
+    }
+}
+
+const STRIPES: usize = 64;
 
 pub struct Store {
-    root: PathBuf,
-    repos: RwLock<HashMap<String, RepoIndex>>,
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
     /// Manifest bodies are small and hot; keep them in memory, bounded by bytes.
     manifest_bytes: moka::sync::Cache<Digest, Bytes>,
     pub uploads: upload::Uploads,
     lru: cache::Lru,
-    cache_roots: RwLock<Vec<String>>,
-    /// Manifest PUTs hold it shared, GC exclusively: a blob a new manifest references is
-    /// never swept between the PUT's check and its write.
-    pub(crate) gc_lock: tokio::sync::RwLock<()>,
+    classes: RwLock<Classes>,
+    /// Publishing a blob and sweeping it take the digest's stripe, so a sweep never deletes
+    /// a file that a writer has just published or is reusing.
+    blob_locks: Vec<Mutex<()>>,
+    /// One collection at a time.
+    gc_running: tokio::sync::Mutex<()>,
 }
 
-/// A blob being written: temp file plus running hash.
+/// A blob being written: backend temp plus running hash. Nothing is visible under a digest
+/// until [`Store::commit`] has verified it.
 pub struct BlobWriter {
-    file: File,
-    path: PathBuf,
-    hasher: Hasher,
+    temp: Option<Box<dyn BlobTemp>>,
+    hasher: Option<Hasher>,
     written: u64,
-    committed: bool,
 }
 
 impl BlobWriter {
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)?;
-        self.hasher.update(data);
-        self.written += data.len() as u64;
+    /// Appends on a blocking thread (the write and the hash of the chunk).
+    pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        let (mut temp, mut hasher) = match (self.temp.take(), self.hasher.take()) {
+            (Some(t), Some(h)) => (t, h),
+            _ => return Err(StoreError::Meta("write after a failed write".into())),
+        };
+        let n = data.len() as u64;
+        let (temp, hasher) = blocking(move || {
+            temp.write(&data)?;
+            hasher.update(&data);
+            Ok((temp, hasher))
+        })
+        .await?;
+        self.written += n;
+        self.temp = Some(temp);
+        self.hasher = Some(hasher);
         Ok(())
     }
+
     pub fn written(&self) -> u64 {
         self.written
     }
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
 
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.path);
-        }
+    /// A read handle on what has been written so far.
+    pub fn follower(&self) -> Result<std::fs::File> {
+        self.temp.as_ref().ok_or_else(|| StoreError::Meta("writer failed".into()))?.follower()
     }
-}
-
-fn algo_dir(a: Algorithm) -> &'static str {
-    a.as_str()
 }
 
 impl Store {
-    pub fn open(root: &Path) -> io::Result<Arc<Store>> {
-        for d in ["blobs", "repositories", "tmp", "uploads"] {
-            fs::create_dir_all(root.join(d))?;
-        }
-        // Temp files are never valid after a restart: only renamed objects count.
-        for e in fs::read_dir(root.join("tmp"))? {
-            let _ = fs::remove_file(e?.path());
-        }
-        let repos = index::load(&root.join("repositories"))?;
-        let store = Store {
-            root: root.to_path_buf(),
-            repos: RwLock::new(repos),
+    /// Opens (or creates) the local store under `root`, importing a 0.1 layout if present.
+    pub fn open(root: &Path) -> Result<Arc<Store>> {
+        Self::open_with_limits(root, Limits::default())
+    }
+
+    pub fn open_with_limits(root: &Path, limits: Limits) -> Result<Arc<Store>> {
+        let blobs = local::LocalBlobs::open(root)?;
+        let meta = local::meta::RedbMeta::open(&root.join("meta.redb"), limits.meta_cache_bytes)?;
+        local::migrate::run(root, &blobs, &meta)?;
+        Self::with_backends(Arc::new(blobs), Arc::new(meta), limits)
+    }
+
+    pub fn with_backends(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Result<Arc<Store>> {
+        let uploads = upload::Uploads::new(blobs.clone(), meta.clone(), &limits)?;
+        Ok(Arc::new(Store {
+            blobs,
+            meta,
             manifest_bytes: moka::sync::Cache::builder()
                 .weigher(|_k: &Digest, v: &Bytes| v.len().try_into().unwrap_or(u32::MAX))
                 .max_capacity(64 * 1024 * 1024)
                 .build(),
-            uploads: upload::Uploads::new(root.join("uploads")),
+            uploads,
             lru: cache::Lru::default(),
-            cache_roots: RwLock::new(Vec::new()),
-            gc_lock: tokio::sync::RwLock::new(()),
+            classes: RwLock::new(Classes::default()),
+            blob_locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            gc_running: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    fn stripe(&self, d: &Digest) -> &Mutex<()> {
+        let h = d.hex().as_bytes();
+        let i = (u16::from_str_radix(std::str::from_utf8(&h[..4]).unwrap_or("0"), 16).unwrap_or(0) as usize) % STRIPES;
+        &self.blob_locks[i]
+    }
+
+    /// Tells the store which repositories are mirrored and which namespaces are hosted.
+    pub fn set_classes(&self, classes: Classes) -> Result<()> {
+        self.meta.set_classes(classes.clone())?;
+        *self.classes.write() = classes;
+        Ok(())
+    }
+
+    pub fn is_cache_repo(&self, repo: &str) -> bool {
+        self.classes.read().is_cache(repo)
+    }
+
+    /// The accounting group (hosted namespace) of a repository.
+    pub fn group_of(&self, repo: &str) -> String {
+        self.classes.read().group(repo)
+    }
+
+    // ---- blobs ----
+
+    /// Size of a committed blob, if the store has it. A point read.
+    pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>> {
+        Ok(self.meta.blob(d)?.map(|b| b.size))
+    }
+
+    pub fn open_blob(&self, d: &Digest) -> Result<Option<BlobBody>> {
+        if self.meta.blob(d)?.is_none() {
+            return Ok(None);
+        }
+        self.blobs.open(d)
+    }
+
+    pub async fn writer(&self, algo: Algorithm) -> Result<BlobWriter> {
+        let blobs = self.blobs.clone();
+        let temp = blocking(move || blobs.create()).await?;
+        Ok(BlobWriter { temp: Some(temp), hasher: Some(Hasher::new(algo)), written: 0 })
+    }
+
+    /// Verifies a written blob against `expected` and publishes it; with `link`, links it into
+    /// that repository (quota-checked) in the same step. A mismatch stores nothing.
+    pub async fn commit(self: &Arc<Self>, mut w: BlobWriter, expected: &Digest, link: Option<(&str, Option<u64>)>) -> Result<u64> {
+        let (temp, hasher) = match (w.temp.take(), w.hasher.take()) {
+            (Some(t), Some(h)) => (t, h),
+            _ => return Err(StoreError::Meta("commit after a failed write".into())),
         };
-        Ok(Arc::new(store))
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("blobs").join(algo_dir(d.algorithm())).join(&d.hex()[..2]).join(d.hex())
-    }
-
-    /// Size of a committed blob, if the store has it.
-    pub fn blob_size(&self, d: &Digest) -> Option<u64> {
-        fs::metadata(self.blob_path(d)).ok().map(|m| m.len())
-    }
-
-    pub fn open_blob(&self, d: &Digest) -> io::Result<Option<(File, u64)>> {
-        match File::open(self.blob_path(d)) {
-            Ok(f) => {
-                let len = f.metadata()?.len();
-                Ok(Some((f, len)))
+        let written = w.written;
+        let (s, d) = (self.clone(), expected.clone());
+        let link = link.map(|(r, q)| (r.to_string(), q));
+        blocking(move || {
+            let actual = hasher.finish();
+            if actual != d {
+                return Err(StoreError::DigestMismatch { expected: d, actual });
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            s.publish(&d, written, link.as_ref().map(|(r, q)| (r.as_str(), *q)), move |d| temp.publish(d))?;
+            Ok(written)
+        })
+        .await
+    }
+
+    /// Publishes verified content under `d` (or reuses the copy already there, refreshing its
+    /// grace period) and records it, under the digest's stripe lock. Blocking.
+    fn publish(&self, d: &Digest, size: u64, link: Option<(&str, Option<u64>)>, put: impl FnOnce(&Digest) -> Result<()>) -> Result<()> {
+        let _g = self.stripe(d).lock();
+        let present = self.meta.blob(d)?.is_some() && self.blobs.stat(d)?.is_some();
+        if !present {
+            put(d)?;
         }
-    }
-
-    fn temp_path(&self) -> PathBuf {
-        self.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
-    }
-
-    pub fn writer(&self, algo: Algorithm) -> io::Result<BlobWriter> {
-        let path = self.temp_path();
-        let file = File::options().write(true).create_new(true).open(&path)?;
-        Ok(BlobWriter { file, path, hasher: Hasher::new(algo), written: 0, committed: false })
-    }
-
-    /// Verifies and publishes a written blob under its digest. A mismatch removes the temp file.
-    pub fn commit(&self, mut w: BlobWriter, expected: &Digest) -> Result<u64, OciError> {
-        let actual = if expected.algorithm() == Algorithm::Sha256 {
-            std::mem::replace(&mut w.hasher, Hasher::new(Algorithm::Sha256)).finish()
-        } else {
-            hash_file(&w.path, expected.algorithm())?
-        };
-        if &actual != expected {
-            return Err(OciError::msg(ErrorCode::DigestInvalid, format!("content digest {actual} does not match {expected}"))
-                .detail(serde_json::json!({"expected": expected.to_string(), "actual": actual.to_string()})));
-        }
-        w.file.sync_all()?;
-        self.publish(&w.path, expected)?;
-        w.committed = true;
-        Ok(w.written)
-    }
-
-    /// Renames a verified temp file to the blob's final place. Two writers of one blob both
-    /// succeed: the rename is atomic and the content identical.
-    pub fn publish(&self, tmp: &Path, d: &Digest) -> io::Result<()> {
-        let dest = self.blob_path(d);
-        fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
-        fs::rename(tmp, &dest)?;
-        if let Some(dir) = dest.parent() {
-            File::open(dir)?.sync_all()?;
+        if let Err(e) = self.meta.record_blob(d, size, now_ms(), link) {
+            if !present && self.meta.blob(d)?.is_none() {
+                // Refused (quota): take back the file nothing records.
+                let _ = self.blobs.delete(d);
+            }
+            return Err(e);
         }
         Ok(())
     }
 
-    pub fn put_blob_bytes(&self, data: &[u8], d: &Digest) -> Result<(), OciError> {
-        if self.blob_size(d).is_some() {
-            return Ok(());
+    /// Stores small content (a manifest's bytes) as a blob, optionally linking it.
+    pub async fn put_blob_bytes(self: &Arc<Self>, data: Bytes, d: &Digest) -> Result<()> {
+        if self.meta.blob(d)?.is_some() {
+            // Reuse refreshes the grace period; a sweep that won the race means store it again.
+            let (m, dd) = (self.meta.clone(), d.clone());
+            if blocking(move || m.touch_blob(&dd, now_ms())).await? {
+                return Ok(());
+            }
         }
-        let mut w = self.writer(d.algorithm())?;
-        w.write(data)?;
-        self.commit(w, d)?;
+        let mut w = self.writer(d.algorithm()).await?;
+        w.write(data).await?;
+        self.commit(w, d, None).await?;
         Ok(())
     }
 
-    fn repo_dir(&self, repo: &str) -> PathBuf {
-        self.root.join("repositories").join(repo)
+    /// Links a committed blob into `repo`, refreshing its grace period.
+    pub async fn link_blob(self: &Arc<Self>, repo: &str, d: &Digest, quota: Option<u64>) -> Result<()> {
+        let (s, repo, d) = (self.clone(), repo.to_string(), d.clone());
+        blocking(move || {
+            let _g = s.stripe(&d).lock();
+            s.meta.link(&repo, &d, now_ms(), quota)
+        })
+        .await
     }
 
-    // ---- per-repository blob links ----
-
-    pub fn link_blob(&self, repo: &str, d: &Digest) -> io::Result<()> {
-        let p = self.repo_dir(repo).join("_layers").join(algo_dir(d.algorithm())).join(d.hex());
-        if self.repos.read().get(repo).is_some_and(|r| r.blobs.contains(d)) {
-            // A re-push restarts the GC grace period of the link.
-            let _ = File::options().write(true).open(&p).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-            return Ok(());
-        }
-        fs::create_dir_all(p.parent().expect("link has a parent"))?;
-        File::create(&p)?;
-        self.repos.write().entry(repo.to_string()).or_default().blobs.insert(d.clone());
-        Ok(())
+    /// A link or a manifest of `repo` names `d`. A point read.
+    pub fn blob_linked(&self, repo: &str, d: &Digest) -> Result<bool> {
+        self.meta.holds(repo, d)
     }
 
-    pub fn blob_linked(&self, repo: &str, d: &Digest) -> bool {
-        self.repos.read().get(repo).is_some_and(|r| r.blobs.contains(d) || r.manifests.contains_key(d))
-    }
-
-    pub fn unlink_blob(&self, repo: &str, d: &Digest) -> io::Result<bool> {
-        let removed = self.repos.write().get_mut(repo).is_some_and(|r| r.blobs.remove(d));
-        if removed {
-            let p = self.repo_dir(repo).join("_layers").join(algo_dir(d.algorithm())).join(d.hex());
-            remove_if_exists(&p)?;
-        }
-        Ok(removed)
+    pub async fn unlink_blob(self: &Arc<Self>, repo: &str, d: &Digest) -> Result<bool> {
+        let (m, repo, d) = (self.meta.clone(), repo.to_string(), d.clone());
+        blocking(move || m.unlink(&repo, &d)).await
     }
 
     // ---- manifests and tags ----
 
-    /// Stores a manifest's exact bytes as a blob, records its metadata in the repository and
-    /// optionally points a tag at it. The manifest is visible only after its bytes are durable.
-    pub fn put_manifest(&self, repo: &str, d: &Digest, bytes: Bytes, meta: ManifestMeta, tag: Option<&str>) -> Result<(), OciError> {
-        self.put_blob_bytes(&bytes, d)?;
-        let mdir = self.repo_dir(repo).join("_manifests").join(algo_dir(d.algorithm()));
-        fs::create_dir_all(&mdir)?;
-        write_atomic(&self.root, &mdir.join(d.hex()), &serde_json::to_vec(&meta).expect("meta serializes"))?;
-        self.manifest_bytes.insert(d.clone(), bytes);
-        self.repos.write().entry(repo.to_string()).or_default().manifests.insert(d.clone(), meta);
-        // The tag last: it is only ever written for a manifest that is already complete.
-        if let Some(tag) = tag {
-            self.set_tag(repo, tag, d)?;
+    /// Stores a manifest's exact bytes, records it and points `tags` at it in one transaction
+    /// (see [`ManifestPut`]). Visible only once its bytes are durable.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_manifest(
+        self: &Arc<Self>,
+        repo: &str,
+        d: &Digest,
+        bytes: Bytes,
+        meta: ManifestMeta,
+        tags: Vec<String>,
+        expect: TagExpect,
+        refs: (Vec<Digest>, Vec<Digest>),
+        immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        quota: Option<u64>,
+    ) -> Result<()> {
+        // Read-only checks first, so that refused input stores nothing; the transaction below
+        // checks again, atomically with the write.
+        for b in &refs.0 {
+            if !self.meta.holds(repo, b)? {
+                return Err(StoreError::NotInRepo { repo: repo.to_string(), what: "blob", digest: b.clone() });
+            }
         }
+        for c in &refs.1 {
+            if self.meta.manifest(repo, c)?.is_none() {
+                return Err(StoreError::NotInRepo { repo: repo.to_string(), what: "manifest", digest: c.clone() });
+            }
+        }
+        for t in &tags {
+            if let Some(cur) = self.meta.tag(repo, t)? {
+                if cur.digest != *d && immutable(t) {
+                    return Err(StoreError::Immutable { repo: repo.to_string(), tag: t.clone(), current: cur.digest });
+                }
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.put_manifest_once(repo, d, bytes.clone(), &meta, &tags, &expect, &refs, &immutable, quota).await {
+                // The bytes were an old orphan that a collection swept between their refresh
+                // and this write: store them again, once.
+                Err(StoreError::BlobMissing(x)) if x == *d && attempts == 1 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put_manifest_once(
+        self: &Arc<Self>,
+        repo: &str,
+        d: &Digest,
+        bytes: Bytes,
+        meta: &ManifestMeta,
+        tags: &[String],
+        expect: &TagExpect,
+        refs: &(Vec<Digest>, Vec<Digest>),
+        immutable: &Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        quota: Option<u64>,
+    ) -> Result<()> {
+        let created = self.meta.blob(d)?.is_none();
+        self.put_blob_bytes(bytes.clone(), d).await?;
+        let (s, repo, dd) = (self.clone(), repo.to_string(), d.clone());
+        let (meta, tags, expect, refs, immutable) = (meta.clone(), tags.to_vec(), expect.clone(), refs.clone(), immutable.clone());
+        blocking(move || {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let put = ManifestPut {
+                meta: &meta,
+                tags: &tags,
+                expect,
+                blobs: &refs.0,
+                children: &refs.1,
+                immutable: &*immutable,
+                quota,
+                now_ms: now_ms(),
+            };
+            let _g = s.stripe(&dd).lock();
+            let res = s.meta.put_manifest(&repo, &dd, &put);
+            if res.is_err() && created && s.meta.holders(&dd)?.is_empty() {
+                // Refused after all: take back the bytes this push stored.
+                if s.meta.forget_blob_if_unused(&dd, u64::MAX)?.is_some() {
+                    s.blobs.delete(&dd)?;
+                }
+            }
+            res
+        })
+        .await?;
+        self.manifest_bytes.insert(d.clone(), bytes);
         Ok(())
     }
 
-    /// Points a tag at a manifest already in `repo`.
-    pub fn set_tag(&self, repo: &str, tag: &str, d: &Digest) -> io::Result<()> {
-        let tdir = self.repo_dir(repo).join("_tags");
-        fs::create_dir_all(&tdir)?;
-        write_atomic(&self.root, &tdir.join(tag), d.to_string().as_bytes())?;
-        self.repos.write().entry(repo.to_string()).or_default().tags.insert(tag.to_string(), d.clone());
-        Ok(())
+    /// Points a tag at a manifest already in `repo`, if `expect` holds.
+    pub async fn set_tag(self: &Arc<Self>, repo: &str, tag: &str, d: &Digest, expect: TagExpect, immutable: bool) -> Result<()> {
+        let (m, repo, tag, d) = (self.meta.clone(), repo.to_string(), tag.to_string(), d.clone());
+        blocking(move || m.set_tag(&repo, &tag, &d, &expect, immutable, now_ms())).await
     }
 
-    pub fn tag_digest(&self, repo: &str, tag: &str) -> Option<Digest> {
-        self.repos.read().get(repo).and_then(|r| r.tags.get(tag).cloned())
+    /// A point read.
+    pub fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
+        Ok(self.meta.tag(repo, tag)?.map(|t| t.digest))
     }
 
-    pub fn manifest_meta(&self, repo: &str, d: &Digest) -> Option<ManifestMeta> {
-        self.repos.read().get(repo).and_then(|r| r.manifests.get(d).cloned())
+    pub fn manifest_meta(&self, repo: &str, d: &Digest) -> Result<Option<ManifestMeta>> {
+        self.meta.manifest(repo, d)
     }
 
-    /// The manifest bytes, from memory or from the blob file.
-    pub fn manifest_bytes(&self, d: &Digest) -> io::Result<Option<Bytes>> {
+    /// The manifest bytes, from memory or from the blob store.
+    pub fn manifest_bytes(&self, d: &Digest) -> Result<Option<Bytes>> {
         if let Some(b) = self.manifest_bytes.get(d) {
             return Ok(Some(b));
         }
-        match fs::read(self.blob_path(d)) {
-            Ok(v) => {
-                let b = Bytes::from(v);
-                self.manifest_bytes.insert(d.clone(), b.clone());
-                Ok(Some(b))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let b = self.blobs.read(d)?;
+        if let Some(b) = &b {
+            self.manifest_bytes.insert(d.clone(), b.clone());
         }
+        Ok(b)
     }
 
-    /// Removes a manifest revision and every tag pointing at it.
-    pub fn delete_manifest(&self, repo: &str, d: &Digest) -> io::Result<bool> {
-        let tags: Vec<String> = {
-            let mut repos = self.repos.write();
-            let Some(r) = repos.get_mut(repo) else { return Ok(false) };
-            if r.manifests.remove(d).is_none() {
-                return Ok(false);
-            }
-            let tags: Vec<String> = r.tags.iter().filter(|(_, v)| *v == d).map(|(k, _)| k.clone()).collect();
-            for t in &tags {
-                r.tags.remove(t);
-            }
-            tags
-        };
-        for t in tags {
-            remove_if_exists(&self.repo_dir(repo).join("_tags").join(t))?;
-        }
-        remove_if_exists(&self.repo_dir(repo).join("_manifests").join(algo_dir(d.algorithm())).join(d.hex()))?;
-        Ok(true)
+    /// Removes a manifest revision and every tag pointing at it; refused (Immutable) when an
+    /// immutable tag points at it.
+    pub async fn delete_manifest(
+        self: &Arc<Self>,
+        repo: &str,
+        d: &Digest,
+        immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Result<bool> {
+        let (m, repo, d) = (self.meta.clone(), repo.to_string(), d.clone());
+        blocking(move || m.delete_manifest(&repo, &d, &*immutable)).await
     }
 
-    pub fn delete_tag(&self, repo: &str, tag: &str) -> io::Result<bool> {
-        let removed = self.repos.write().get_mut(repo).is_some_and(|r| r.tags.remove(tag).is_some());
-        if removed {
-            remove_if_exists(&self.repo_dir(repo).join("_tags").join(tag))?;
-        }
-        Ok(removed)
+    pub async fn delete_tag(self: &Arc<Self>, repo: &str, tag: &str, immutable: bool) -> Result<bool> {
+        let (m, repo, tag) = (self.meta.clone(), repo.to_string(), tag.to_string());
+        blocking(move || m.delete_tag(&repo, &tag, immutable)).await
     }
 
-    /// Sorted tags of a repository, or None when the repository is unknown.
-    pub fn tags(&self, repo: &str) -> Option<Vec<String>> {
-        let repos = self.repos.read();
-        let r = repos.get(repo).filter(|r| !r.is_empty())?;
-        Some(r.tags.keys().cloned().collect())
+    /// One page of a repository's tags; None when the repository is unknown.
+    pub fn tags(&self, repo: &str, after: Option<&str>, n: usize) -> Result<Option<(Vec<String>, bool)>> {
+        self.meta.tags(repo, after, n)
     }
 
-    /// Sorted names of every repository with content.
-    pub fn repositories(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.repos.read().iter().filter(|(_, r)| !r.is_empty()).map(|(k, _)| k.clone()).collect();
-        v.sort();
-        v
+    /// One page of repository names.
+    pub fn repositories(&self, after: Option<&str>, n: usize) -> Result<(Vec<String>, bool)> {
+        self.meta.repositories(after, n)
     }
 
     /// Manifests in `repo` whose subject is `subject`, as descriptors.
-    pub fn referrers(&self, repo: &str, subject: &Digest) -> Vec<crate::oci::manifest::Descriptor> {
-        let repos = self.repos.read();
-        let Some(r) = repos.get(repo) else { return Vec::new() };
-        let mut v: Vec<_> = r
-            .manifests
-            .iter()
-            .filter(|(_, m)| m.subject.as_deref() == Some(&subject.to_string()))
+    pub fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<crate::oci::manifest::Descriptor>> {
+        let mut v: Vec<_> = self
+            .meta
+            .referrers(repo, subject)?
+            .into_iter()
             .map(|(d, m)| crate::oci::manifest::Descriptor {
-                media_type: Some(m.media_type.clone()),
+                media_type: Some(m.media_type),
                 digest: d.to_string(),
                 size: m.size as i64,
-                artifact_type: m.artifact_type.clone(),
-                annotations: m.annotations.clone(),
+                artifact_type: m.artifact_type,
+                annotations: m.annotations,
                 urls: None,
                 platform: None,
             })
             .collect();
         v.sort_by(|a, b| a.digest.cmp(&b.digest));
-        v
+        Ok(v)
     }
-}
 
-pub fn hash_file(path: &Path, algo: Algorithm) -> io::Result<Digest> {
-    use std::io::Read;
-    let mut f = File::open(path)?;
-    let mut h = Hasher::new(algo);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
+    /// Bytes held by class. O(1).
+    pub fn usage(&self) -> Result<Usage> {
+        self.meta.usage()
     }
-}
 
-fn remove_if_exists(p: &Path) -> io::Result<()> {
-    match fs::remove_file(p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    /// Bytes held by a hosted namespace. O(1).
+    pub fn group_bytes(&self, group: &str) -> Result<u64> {
+        self.meta.group_bytes(group)
     }
-}
-
-/// Small metadata files: temp + fsync + rename, so readers see the old or the new, never half.
-pub fn write_atomic(root: &Path, dest: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = root.join("tmp").join(uuid::Uuid::new_v4().to_string());
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, dest)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn commit_verifies_and_two_writers_agree() {
+    fn imm_none() -> Arc<dyn Fn(&str) -> bool + Send + Sync> {
+        Arc::new(|_: &str| false)
+    }
+
+    #[tokio::test]
+    async fn commit_verifies_and_two_writers_agree() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"hello");
-        let mut w1 = s.writer(Algorithm::Sha256).unwrap();
-        let mut w2 = s.writer(Algorithm::Sha256).unwrap();
-        w1.write(b"hello").unwrap();
-        w2.write(b"hello").unwrap();
-        assert_eq!(s.commit(w1, &d).unwrap(), 5);
-        assert_eq!(s.commit(w2, &d).unwrap(), 5);
-        assert_eq!(s.blob_size(&d), Some(5));
-        let mut w3 = s.writer(Algorithm::Sha256).unwrap();
-        w3.write(b"wrong").unwrap();
+        let mut w1 = s.writer(Algorithm::Sha256).await.unwrap();
+        let mut w2 = s.writer(Algorithm::Sha256).await.unwrap();
+        w1.write(Bytes::from_static(b"hello")).await.unwrap();
+        w2.write(Bytes::from_static(b"hello")).await.unwrap();
+        assert_eq!(s.commit(w1, &d, None).await.unwrap(), 5);
+        assert_eq!(s.commit(w2, &d, None).await.unwrap(), 5);
+        assert_eq!(s.blob_size(&d).unwrap(), Some(5));
+        let mut w3 = s.writer(Algorithm::Sha256).await.unwrap();
+        w3.write(Bytes::from_static(b"wrong")).await.unwrap();
         let bad = Digest::sha256_of(b"other");
-        assert_eq!(s.commit(w3, &bad).unwrap_err().code, ErrorCode::DigestInvalid);
-        assert!(s.blob_size(&bad).is_none());
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(matches!(s.commit(w3, &bad, None).await.unwrap_err(), StoreError::DigestMismatch { .. }));
+        assert!(s.blob_size(&bad).unwrap().is_none());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
-    #[test]
-    fn index_is_rebuilt_from_disk() {
+    #[tokio::test]
+    async fn metadata_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let d = Digest::sha256_of(b"{}");
+        let x = Digest::sha256_of(b"x");
         {
             let s = Store::open(dir.path()).unwrap();
-            s.link_blob("team/a", &Digest::sha256_of(b"x")).unwrap();
+            s.put_blob_bytes(Bytes::from_static(b"x"), &x).await.unwrap();
+            s.link_blob("team/a", &x, None).await.unwrap();
             let meta = ManifestMeta { media_type: "application/json".into(), size: 2, ..Default::default() };
-            s.put_manifest("team/a", &d, Bytes::from_static(b"{}"), meta, Some("v1")).unwrap();
-            fs::write(dir.path().join("tmp/leftover"), b"partial").unwrap();
+            s.put_manifest(
+                "team/a",
+                &d,
+                Bytes::from_static(b"{}"),
+                meta,
+                vec!["v1".into()],
+                TagExpect::Any,
+                (vec![x.clone()], vec![]),
+                imm_none(),
+                None,
+            )
+            .await
+            .unwrap();
+            std::fs::write(dir.path().join("tmp/leftover"), b"partial").unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.tag_digest("team/a", "v1"), Some(d.clone()));
-        assert!(s.blob_linked("team/a", &Digest::sha256_of(b"x")));
+        assert_eq!(s.tag_digest("team/a", "v1").unwrap(), Some(d.clone()));
+        assert!(s.blob_linked("team/a", &x).unwrap());
         assert_eq!(s.manifest_bytes(&d).unwrap().unwrap(), Bytes::from_static(b"{}"));
-        assert_eq!(s.repositories(), vec!["team/a".to_string()]);
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert!(s.delete_manifest("team/a", &d).unwrap());
-        assert_eq!(s.tag_digest("team/a", "v1"), None);
+        assert_eq!(s.repositories(None, 10).unwrap().0, vec!["team/a".to_string()]);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(s.delete_manifest("team/a", &d, imm_none()).await.unwrap());
+        assert_eq!(s.tag_digest("team/a", "v1").unwrap(), None);
     }
 }

@@ -1,0 +1,242 @@
+//! The storage interface: a content-addressed blob store and a metadata store. Everything
+//! above `store` reaches storage through these (via [`super::Store`]); a backend implements
+//! both. Methods block (disk, database commits): the `Store` facade calls them from blocking
+//! threads, never from the async workers, except the point reads marked as cheap.
+
+use super::error::Result;
+use crate::oci::Digest;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Write};
+
+/// What berth records about a manifest beside its bytes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ManifestMeta {
+    pub media_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A tag: where it points and when it was last written (milliseconds since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRec {
+    pub digest: Digest,
+    pub updated_ms: u64,
+}
+
+/// A committed blob: its size, when it was first stored and when it was last reused (the
+/// GC grace period and the cache's recency both count from `used_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRec {
+    pub size: u64,
+    pub created_ms: u64,
+    pub used_ms: u64,
+}
+
+/// An open upload session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRec {
+    pub repo: String,
+    /// The client address that opened it, for the per-client cap.
+    pub client: String,
+    pub created_ms: u64,
+    pub active_ms: u64,
+}
+
+/// A tag write's precondition (compare-and-swap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagExpect {
+    Any,
+    Absent,
+    Is(Digest),
+}
+
+/// Bytes held, by class: content some hosted repository holds, and everything else
+/// (mirrored content, orphans awaiting GC).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub hosted: u64,
+    pub cache: u64,
+}
+
+/// How a blob's bytes reach the client.
+pub enum BlobBody {
+    /// A local file (sent with sendfile where the connection allows).
+    File { file: File, len: u64 },
+    /// Bytes as a backend streams them.
+    Stream { stream: futures::stream::BoxStream<'static, std::io::Result<Bytes>>, len: u64 },
+    /// The client fetches it elsewhere (a presigned URL).
+    Redirect { url: String, len: u64 },
+}
+
+/// Which accounting group a repository belongs to: the hosted namespace it is in, or the
+/// mirror cache. Usage and quota are counted per group.
+#[derive(Debug, Clone, Default)]
+pub struct Classes {
+    /// First path components of mirrored repositories (upstream names).
+    pub cache_roots: Vec<String>,
+    /// Hosted namespace prefixes.
+    pub namespaces: Vec<String>,
+}
+
+pub const CACHE_GROUP: &str = "@cache";
+/// Hosted repositories outside every configured namespace.
+pub const OTHER_GROUP: &str = "@other";
+
+impl Classes {
+    pub fn is_cache(&self, repo: &str) -> bool {
+        let first = repo.split('/').next().unwrap_or_default();
+        self.cache_roots.iter().any(|r| r == first)
+    }
+
+    /// The namespace prefix holding `repo` (the longest that matches), `@cache`, or `@other`
+    /// for a hosted repository outside every configured namespace.
+    pub fn group(&self, repo: &str) -> String {
+        if self.is_cache(repo) {
+            return CACHE_GROUP.to_string();
+        }
+        self.namespaces
+            .iter()
+            .filter(|p| repo == p.as_str() || (repo.starts_with(p.as_str()) && repo.as_bytes().get(p.len()) == Some(&b'/')))
+            .max_by_key(|p| p.len())
+            .cloned()
+            .unwrap_or_else(|| OTHER_GROUP.to_string())
+    }
+
+    /// Changes when the grouping changes, so counters kept under another grouping are rebuilt.
+    pub fn fingerprint(&self) -> String {
+        let mut c = self.cache_roots.clone();
+        c.sort();
+        let mut n = self.namespaces.clone();
+        n.sort();
+        format!("cache={};ns={}", c.join(","), n.join(","))
+    }
+}
+
+/// A manifest write: the repository must hold `blobs` and `children` (their links are
+/// refreshed, so GC cannot take them from under the manifest), no tag matching `immutable` may
+/// move, `quota` bounds the repository's group, and `expect` applies to every tag.
+pub struct ManifestPut<'a> {
+    pub meta: &'a ManifestMeta,
+    pub tags: &'a [&'a str],
+    pub expect: TagExpect,
+    pub blobs: &'a [Digest],
+    pub children: &'a [Digest],
+    pub immutable: &'a dyn Fn(&str) -> bool,
+    pub quota: Option<u64>,
+    pub now_ms: u64,
+}
+
+/// A blob being written, not yet visible under any digest.
+pub trait BlobTemp: Send {
+    fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// A read handle on the bytes written so far (readers follow a fill while it runs).
+    fn follower(&self) -> Result<File>;
+    /// Makes the (already verified) content durable under `d`. Idempotent: the same content
+    /// may be published twice.
+    fn publish(self: Box<Self>, d: &Digest) -> Result<()>;
+}
+
+/// Content-addressed bytes.
+pub trait BlobStore: Send + Sync {
+    /// Size of a committed blob. Cheap.
+    fn stat(&self, d: &Digest) -> Result<Option<u64>>;
+    fn open(&self, d: &Digest) -> Result<Option<BlobBody>>;
+    /// A whole (small) blob: manifests.
+    fn read(&self, d: &Digest) -> Result<Option<Bytes>>;
+    fn reader(&self, d: &Digest) -> Result<Option<Box<dyn Read + Send>>>;
+    fn create(&self) -> Result<Box<dyn BlobTemp>>;
+    fn delete(&self, d: &Digest) -> Result<()>;
+    /// Every committed blob with its size; a name that is not a digest comes as `Err(name)`.
+    fn walk(&self, visit: &mut dyn FnMut(std::result::Result<Digest, String>, u64)) -> Result<()>;
+    /// Writers in progress (or left by a crash before the last restart).
+    fn temp_count(&self) -> usize;
+
+    // Upload session data: appended across requests, published as a blob at the end.
+    fn upload_create(&self, id: &str) -> Result<()>;
+    fn upload_appender(&self, id: &str) -> Result<Box<dyn Write + Send>>;
+    fn upload_reader(&self, id: &str) -> Result<Option<Box<dyn Read + Send>>>;
+    fn upload_len(&self, id: &str) -> Result<Option<u64>>;
+    /// Makes a verified session's data durable as blob `d`.
+    fn upload_publish(&self, id: &str, d: &Digest) -> Result<()>;
+    fn upload_remove(&self, id: &str) -> Result<()>;
+}
+
+/// Repositories, manifests, tags, links, sessions and counters. Every method is atomic; writes
+/// are durable when they return.
+pub trait MetaStore: Send + Sync {
+    // ---- blobs ----
+    fn blob(&self, d: &Digest) -> Result<Option<BlobRec>>;
+    /// Records a published blob, or refreshes `used_ms` of a known one; with `link`, links it
+    /// into that repository in the same transaction (checking `quota` for its group).
+    fn record_blob(&self, d: &Digest, size: u64, now_ms: u64, link: Option<(&str, Option<u64>)>) -> Result<()>;
+    /// Refreshes a blob's grace period; false if it is not recorded.
+    fn touch_blob(&self, d: &Digest, now_ms: u64) -> Result<bool>;
+    /// GC: forgets a blob no repository holds and unused since `cutoff_ms`. Returns its size
+    /// if it was forgotten.
+    fn forget_blob_if_unused(&self, d: &Digest, cutoff_ms: u64) -> Result<Option<u64>>;
+    /// Forgets a blob whatever holds it, with every link and manifest naming it (eviction,
+    /// fsck repair). Returns the repositories that held it.
+    fn purge_blob(&self, d: &Digest) -> Result<Vec<String>>;
+    /// Every recorded blob (a consistent snapshot).
+    fn blobs(&self, visit: &mut dyn FnMut(Digest, BlobRec)) -> Result<()>;
+
+    // ---- repositories ----
+    /// Links a recorded blob into `repo` (or refreshes the link's time); `quota` bounds the
+    /// repository's group.
+    fn link(&self, repo: &str, d: &Digest, now_ms: u64, quota: Option<u64>) -> Result<()>;
+    /// A link or a manifest of `repo` names `d`. Cheap.
+    fn holds(&self, repo: &str, d: &Digest) -> Result<bool>;
+    fn unlink(&self, repo: &str, d: &Digest) -> Result<bool>;
+    /// GC: removes the link if it was last refreshed before `cutoff_ms` and no manifest of the
+    /// repository references the blob (checked in the same transaction).
+    fn unlink_if_stale(&self, repo: &str, d: &Digest, cutoff_ms: u64) -> Result<bool>;
+    fn links(&self, repo: &str) -> Result<Vec<(Digest, u64)>>;
+    /// Repositories that hold `d`. Cheap.
+    fn holders(&self, d: &Digest) -> Result<Vec<String>>;
+    /// Up to `n` repository names after `after`, and whether more follow.
+    fn repositories(&self, after: Option<&str>, n: usize) -> Result<(Vec<String>, bool)>;
+    fn repo_exists(&self, repo: &str) -> Result<bool>;
+
+    // ---- manifests and tags ----
+    /// Records a manifest (its bytes already a blob) and points its tags at it, atomically.
+    fn put_manifest(&self, repo: &str, d: &Digest, put: &ManifestPut<'_>) -> Result<()>;
+    fn manifest(&self, repo: &str, d: &Digest) -> Result<Option<ManifestMeta>>;
+    /// Removes a manifest and every tag pointing at it; refused if an immutable tag does.
+    fn delete_manifest(&self, repo: &str, d: &Digest, immutable: &dyn Fn(&str) -> bool) -> Result<bool>;
+    fn manifests(&self, repo: &str) -> Result<Vec<(Digest, ManifestMeta)>>;
+    /// Every manifest of every repository (a consistent snapshot): GC marks from it.
+    fn all_manifests(&self, visit: &mut dyn FnMut(&str, Digest, &ManifestMeta)) -> Result<()>;
+    /// Points a tag at a manifest the repository holds, if `expect` holds.
+    fn set_tag(&self, repo: &str, tag: &str, d: &Digest, expect: &TagExpect, immutable: bool, now_ms: u64) -> Result<()>;
+    fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagRec>>;
+    fn delete_tag(&self, repo: &str, tag: &str, immutable: bool) -> Result<bool>;
+    /// Up to `n` tags of `repo` after `after`, and whether more follow; None if no such repo.
+    fn tags(&self, repo: &str, after: Option<&str>, n: usize) -> Result<Option<(Vec<String>, bool)>>;
+    fn tags_with_times(&self, repo: &str) -> Result<Vec<(String, TagRec)>>;
+    fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<(Digest, ManifestMeta)>>;
+
+    // ---- upload sessions ----
+    fn put_upload(&self, id: &str, rec: &UploadRec) -> Result<()>;
+    /// Records a session's activity; may be lost in a crash.
+    fn touch_upload(&self, id: &str, rec: &UploadRec) -> Result<()>;
+    fn upload(&self, id: &str) -> Result<Option<UploadRec>>;
+    fn remove_upload(&self, id: &str) -> Result<bool>;
+    fn uploads(&self) -> Result<Vec<(String, UploadRec)>>;
+
+    // ---- counters ----
+    /// Sets how repositories are grouped; counters kept under another grouping are rebuilt.
+    fn set_classes(&self, classes: Classes) -> Result<()>;
+    /// Store-wide bytes by class. O(1).
+    fn usage(&self) -> Result<Usage>;
+    /// Bytes held by one group (a hosted namespace). O(1).
+    fn group_bytes(&self, group: &str) -> Result<u64>;
+    /// Recomputes every counter from the records; returns what differed (fsck).
+    fn recount(&self, repair: bool) -> Result<Vec<String>>;
+}
