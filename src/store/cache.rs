@@ -67,13 +67,26 @@ impl Store {
         Ok(self.meta.holders(d)?.iter().any(|r| !self.is_cache_repo(r)))
     }
 
-    /// Bounds mirrored content to `max` bytes from now on; with a bound, the recency order is
-    /// rebuilt from the recorded use times (a walk of the blob records, once).
-    pub fn set_cache_limit(&self, max: Option<u64>) -> Result<()> {
+    /// Bounds mirrored content to `max` bytes from now on. With a bound, the recency order is
+    /// rebuilt from the recorded use times on a thread of its own (a walk of the blob records),
+    /// so start-up does not wait for it; until it is done eviction sees fewer bytes than there
+    /// are, and catches up when it is.
+    pub fn set_cache_limit(self: &Arc<Self>, max: Option<u64>) -> Result<()> {
         self.lru.max.store(max.unwrap_or(u64::MAX), Ordering::Relaxed);
         if max.is_none() {
             return Ok(());
         }
+        let s = self.clone();
+        std::thread::Builder::new().name("berth-cache-index".into()).spawn(move || {
+            if let Err(e) = s.rebuild_lru() {
+                tracing::warn!(error = %e, "rebuilding the mirror cache's recency order");
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Blocking: reads every blob record once.
+    pub fn rebuild_lru(&self) -> Result<()> {
         let mut cached: Vec<(u64, Digest, u64)> = Vec::new();
         let mut all = Vec::new();
         self.meta.blobs(&mut |d, r| all.push((d, r)))?;
@@ -152,6 +165,7 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.set_classes(Classes { cache_roots: vec!["docker.io".into()], namespaces: vec!["team".into()] }).unwrap();
         s.set_cache_limit(Some(1 << 40)).unwrap();
+        s.rebuild_lru().unwrap();
         let put = |repo: &'static str, data: Vec<u8>| {
             let s = s.clone();
             async move {
