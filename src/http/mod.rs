@@ -5,6 +5,7 @@
 pub mod admin;
 mod sendfile;
 
+use crate::config::ClientLimits;
 use crate::metrics;
 use crate::oci::{ErrorCode, OciError};
 use crate::registry::{Body, Outcome, Registry, Request, RequestBody, Response};
@@ -19,7 +20,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Blob bodies are read and written in pieces this large: few syscalls and wakeups per GB,
 /// and with one piece read ahead, 1 MiB of buffers per download.
@@ -74,6 +75,9 @@ impl Drop for InFlightGuard {
 struct SessionBody<'a> {
     session: &'a mut ServerSession,
     expect_continue: bool,
+    limits: ClientLimits,
+    /// A read failed (timed out, cut off): the body's position is lost, draining it is moot.
+    broken: bool,
 }
 
 #[async_trait]
@@ -83,15 +87,15 @@ impl RequestBody for SessionBody<'_> {
             // Only now that the body is wanted: a request refused before reading never
             // makes the client send it.
             self.expect_continue = false;
-            self.session
-                .write_continue_response()
+            within(self.limits.write_timeout, self.session.write_continue_response())
                 .await
                 .map_err(|e| OciError::msg(ErrorCode::BlobUploadInvalid, format!("cannot answer 100-continue: {e}")))?;
         }
-        self.session
-            .read_request_body()
-            .await
-            .map_err(|e| OciError::msg(ErrorCode::BlobUploadInvalid, format!("request body interrupted: {e}")))
+        // pingora's read timeout covers HTTP/1 only; this one covers HTTP/2 streams too.
+        within(self.limits.body_read_timeout, self.session.read_request_body()).await.map_err(|e| {
+            self.broken = true;
+            OciError::msg(ErrorCode::BlobUploadInvalid, format!("request body interrupted: {e}"))
+        })
     }
 }
 
@@ -103,6 +107,8 @@ impl HttpServerApp for RegistryApp {
             _ => return None,
         }
         let _in_flight = self.in_flight.enter();
+        let limits = self.registry.config.clients;
+        session.set_read_timeout(Some(limits.body_read_timeout));
         if *shutdown.borrow() {
             session.set_keepalive(None);
         }
@@ -124,16 +130,17 @@ impl HttpServerApp for RegistryApp {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers, client, tls };
         let mut outcome = Outcome::default();
-        let (resp, continue_withheld) = {
-            let mut body = SessionBody { session: &mut session, expect_continue };
+        let (resp, continue_withheld, body_broken) = {
+            let mut body = SessionBody { session: &mut session, expect_continue, limits, broken: false };
             let resp = self.registry.handle(&req, &mut body, &mut outcome).await;
-            (resp, body.expect_continue)
+            (resp, body.expect_continue, body.broken)
         };
-        if !continue_withheld && !session.is_body_done() {
+        // A body that already stalled would only stall the drain too.
+        if !continue_withheld && !body_broken && !session.is_body_done() {
             drain_unread_body(&mut session).await;
         }
         let status = resp.status;
-        let written = write_response(&mut session, resp, method == http::Method::HEAD).await;
+        let written = write_response(&mut session, resp, method == http::Method::HEAD, &limits).await;
         let bytes = written.as_ref().map(|n| *n).unwrap_or(0);
         metrics::record_request(method.as_str(), outcome.route, status, started.elapsed());
         // Hosted content is counted here, from what was written; the mirror counts its own.
@@ -163,11 +170,80 @@ impl HttpServerApp for RegistryApp {
             session.set_keepalive(None);
         }
         let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
+        // finish() flushes what pingora still buffers: a client that stopped reading could
+        // hold it there forever.
+        match within(limits.write_timeout, session.finish()).await {
             Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
             _ => None,
         }
     }
+}
+
+/// Runs a pingora read or write that pingora itself does not bound (response heads, flushes,
+/// `100 Continue`, HTTP/2 body reads), failing it after `limit`.
+async fn within<T>(limit: Duration, op: impl std::future::Future<Output = pingora::Result<T>>) -> Result<T, String> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("client stalled: nothing moved for {limit:?}")),
+    }
+}
+
+/// The smallest pacing window: finer slices would cost a write call per few bytes, and a client
+/// that cannot take 16 KiB within `write_timeout` is stalled by any measure.
+const MIN_WINDOW: u64 = 16 << 10;
+
+/// Paces response body writes against `[server] write_timeout` and `min_send_rate`. Bytes are
+/// counted in windows of what the minimum rate allows in `write_timeout`; a client that takes
+/// longer than `write_timeout` to accept one window loses the connection. So a stalled client
+/// and one slower than the rate are both dropped within `write_timeout`, whatever the write
+/// sizes, and only time spent waiting on the client counts: not the disk, not an upstream
+/// still filling the blob. (pingora's own `min_send_rate` scales the timeout with each write's
+/// size instead, so a stalled client holds a 512 KiB chunk for 64 s at 8 KiB/s, and it does
+/// nothing on HTTP/2.)
+struct SendMeter {
+    timeout: Duration,
+    window: u64,
+    bytes: u64,
+    spent: Duration,
+}
+
+impl SendMeter {
+    fn new(limits: &ClientLimits) -> SendMeter {
+        let by_rate = limits.min_send_rate.map_or(0, |r| (r as f64 * limits.write_timeout.as_secs_f64()) as u64);
+        SendMeter { timeout: limits.write_timeout, window: by_rate.max(MIN_WINDOW), bytes: 0, spent: Duration::ZERO }
+    }
+
+    /// How many of `n` bytes the next write may carry (it never crosses a window boundary, so
+    /// one budget applies to all of it), and how long it may take.
+    fn next(&self, n: u64) -> (u64, Duration) {
+        (n.min(self.window - self.bytes), self.timeout.saturating_sub(self.spent))
+    }
+
+    fn record(&mut self, n: u64, took: Duration) {
+        self.bytes += n;
+        self.spent += took;
+        if self.bytes >= self.window {
+            self.bytes = 0;
+            self.spent = Duration::ZERO;
+        }
+    }
+}
+
+/// Writes a body piece through pingora in slices the meter allows, each under pingora's write
+/// timeout set to what is left of the window's budget.
+///
+/// The body is ended separately, by a bounded `finish_body`: ending it here would make pingora
+/// flush without a timeout.
+async fn write_paced(session: &mut ServerSession, meter: &mut SendMeter, mut data: Bytes) -> Result<(), String> {
+    while !data.is_empty() {
+        let (n, budget) = meter.next(data.len() as u64);
+        let piece = data.split_to(n as usize);
+        session.set_write_timeout(Some(budget));
+        let started = Instant::now();
+        session.write_response_body(piece, false).await.map_err(|e| format!("{e} (write_timeout/min_send_rate)"))?;
+        meter.record(n, started.elapsed());
+    }
+    Ok(())
 }
 
 /// An early refusal (bad name, out-of-order chunk, oversized manifest) leaves the request body
@@ -210,6 +286,7 @@ async fn write_file_zero_copy(
     file: &File,
     offset: u64,
     len: u64,
+    limits: &ClientLimits,
 ) -> Result<u64, String> {
     // pingora counts body bytes through its own writer and will not finish a response whose
     // Content-Length it did not see written. Answering as if to HEAD makes it send our header
@@ -217,14 +294,14 @@ async fn write_file_zero_copy(
     // send the body ourselves.
     let method = session.req_header().method.clone();
     session.req_header_mut().set_method(http::Method::HEAD);
-    let wrote = session.write_response_header(header).await;
+    let wrote = within(limits.write_timeout, session.write_response_header(header)).await;
     session.req_header_mut().set_method(method);
-    wrote.map_err(|e| e.to_string())?;
-    sendfile::send(fd, file, offset, len).await.map_err(|e| format!("sending blob: {e}"))
+    wrote?;
+    sendfile::send(fd, file, offset, len, &mut SendMeter::new(limits)).await.map_err(|e| format!("sending blob: {e}"))
 }
 
 /// Writes a response; returns the body bytes sent.
-pub async fn write_response(session: &mut ServerSession, resp: Response, head_only: bool) -> Result<u64, String> {
+pub async fn write_response(session: &mut ServerSession, resp: Response, head_only: bool, limits: &ClientLimits) -> Result<u64, String> {
     let Response { status, headers, body, content_length } = resp;
     let mut h = ResponseHeader::build(status, Some(headers.len() + 3)).map_err(|e| e.to_string())?;
     h.insert_header("Docker-Distribution-Api-Version", "registry/2.0").map_err(|e| e.to_string())?;
@@ -242,19 +319,20 @@ pub async fn write_response(session: &mut ServerSession, resp: Response, head_on
         _ => None,
     };
     if let (Some(fd), Body::File { file, offset, len }) = (zero_copy, &body) {
-        return write_file_zero_copy(session, Box::new(h), fd, file, *offset, *len).await;
+        return write_file_zero_copy(session, Box::new(h), fd, file, *offset, *len, limits).await;
     }
-    session.write_response_header(Box::new(h)).await.map_err(|e| e.to_string())?;
+    within(limits.write_timeout, session.write_response_header(Box::new(h))).await?;
     if head_only {
-        session.finish_body().await.map_err(|e| e.to_string())?;
+        within(limits.write_timeout, session.finish_body()).await?;
         return Ok(0);
     }
+    let mut meter = SendMeter::new(limits);
     let mut sent = 0u64;
     match body {
         Body::Empty => {}
         Body::Full(b) => {
             sent = b.len() as u64;
-            session.write_response_body(b, true).await.map_err(|e| e.to_string())?;
+            write_paced(session, &mut meter, b).await?;
         }
         Body::File { file, offset, len } => {
             let file = Arc::new(file);
@@ -277,7 +355,7 @@ pub async fn write_response(session: &mut ServerSession, resp: Response, head_on
                 if sent < len {
                     next = Some(read(offset + sent, CHUNK.min((len - sent) as usize), spare.take()));
                 }
-                session.write_response_body(chunk.clone(), sent == len).await.map_err(|e| e.to_string())?;
+                write_paced(session, &mut meter, chunk.clone()).await?;
                 // Unique again once written out (HTTP/1); HTTP/2 may still hold it queued.
                 spare = chunk.try_into_mut().ok();
             }
@@ -286,10 +364,44 @@ pub async fn write_response(session: &mut ServerSession, resp: Response, head_on
             while let Some(item) = stream.next().await {
                 let chunk = item.map_err(|e| format!("upstream body: {e}"))?;
                 sent += chunk.len() as u64;
-                session.write_response_body(chunk, false).await.map_err(|e| e.to_string())?;
+                write_paced(session, &mut meter, chunk).await?;
             }
         }
     }
-    session.finish_body().await.map_err(|e| e.to_string())?;
+    within(limits.write_timeout, session.finish_body()).await?;
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(write_timeout: u64, min_send_rate: Option<u64>) -> ClientLimits {
+        ClientLimits { write_timeout: Duration::from_secs(write_timeout), min_send_rate, body_read_timeout: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn a_window_is_what_the_minimum_rate_sends_in_write_timeout() {
+        let mut m = SendMeter::new(&limits(30, Some(8 << 10)));
+        assert_eq!(m.next(512 << 10), (240 << 10, Duration::from_secs(30)));
+        // A client that took 20 s for 100 KiB has 10 s left for the rest of the window...
+        m.record(100 << 10, Duration::from_secs(20));
+        assert_eq!(m.next(512 << 10), (140 << 10, Duration::from_secs(10)));
+        // ...and a full window starts the budget over.
+        m.record(140 << 10, Duration::from_secs(9));
+        assert_eq!(m.next(512 << 10), (240 << 10, Duration::from_secs(30)));
+        // Waiting that moved nothing still uses the budget up.
+        m.record(0, Duration::from_secs(31));
+        assert_eq!(m.next(1).1, Duration::ZERO);
+    }
+
+    #[test]
+    fn without_a_rate_only_stalls_count() {
+        // 16 KiB per write_timeout: a floor so low that only a stalled client falls below it, and
+        // small enough slices not to cost a write call per few bytes.
+        for l in [limits(30, None), limits(30, Some(1))] {
+            let m = SendMeter::new(&l);
+            assert_eq!(m.next(512 << 10), (MIN_WINDOW, Duration::from_secs(30)));
+        }
+    }
 }

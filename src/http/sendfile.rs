@@ -3,15 +3,19 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+
+use super::SendMeter;
 
 /// Bytes per call: bounds how long one call can hold a worker thread when the file is not in
 /// the page cache (the read happens inside the call).
 const PIECE: u64 = 4 << 20;
 
-/// Sends `len` bytes of `file` from `offset` to the socket `fd`; returns the bytes sent.
-pub async fn send(fd: RawFd, file: &File, offset: u64, len: u64) -> io::Result<u64> {
+/// Sends `len` bytes of `file` from `offset` to the socket `fd`; returns the bytes sent. A client
+/// too slow for `meter` ends it with `TimedOut`.
+pub async fn send(fd: RawFd, file: &File, offset: u64, len: u64, meter: &mut SendMeter) -> io::Result<u64> {
     // The socket is already registered with the runtime under its own descriptor; a duplicate
     // gets its own registration, so we can wait for writability without touching pingora's.
     // The duplicate shares the non-blocking flag.
@@ -28,7 +32,12 @@ pub async fn send(fd: RawFd, file: &File, offset: u64, len: u64) -> io::Result<u
     let end = offset + len;
     let mut at = offset as libc::off_t;
     while (at as u64) < end {
-        let mut ready = sock.writable().await?;
+        let (_, budget) = meter.next(end - at as u64);
+        let started = Instant::now();
+        let mut ready = match tokio::time::timeout(budget, sock.writable()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "client too slow (write_timeout/min_send_rate)")),
+        };
         let want = PIECE.min(end - at as u64) as usize;
         match ready.try_io(|s| {
             // SAFETY: both descriptors are open; `at` is a valid off_t the call advances.
@@ -39,10 +48,8 @@ pub async fn send(fd: RawFd, file: &File, offset: u64, len: u64) -> io::Result<u
                 n => Ok(n as u64),
             }
         }) {
-            Ok(r) => {
-                r?;
-            }
-            Err(_would_block) => continue,
+            Ok(r) => meter.record(r?, started.elapsed()),
+            Err(_would_block) => meter.record(0, started.elapsed()),
         }
     }
     Ok(len)
