@@ -148,19 +148,18 @@ impl HttpServerApp for RegistryApp {
         if hosted && bytes > 0 && (200..300).contains(&status) && matches!(outcome.route, "blob" | "manifest") {
             metrics::SERVED_BYTES.with_label_values(&["hosted"]).inc_by(bytes);
         }
-        tracing::info!(
-            target: "access",
-            method = %method,
-            route = outcome.route,
-            repository = outcome.repository.as_deref().unwrap_or("-"),
-            user = outcome.user.as_deref().unwrap_or("-"),
+        crate::telemetry::access(&crate::telemetry::Access {
+            method: method.as_str(),
+            route: outcome.route,
+            repository: outcome.repository.as_deref().unwrap_or("-"),
+            user: outcome.user.as_deref().unwrap_or("-"),
             status,
             bytes,
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            cache = outcome.cache.unwrap_or("-"),
-            upstream = outcome.upstream.as_deref().unwrap_or("-"),
-            error = written.as_ref().err().map(|e| e.as_str()).unwrap_or(""),
-        );
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            cache: outcome.cache.unwrap_or("-"),
+            upstream: outcome.upstream.as_deref().unwrap_or("-"),
+            error: written.as_ref().err().map(|e| e.as_str()).unwrap_or(""),
+        });
         if written.is_err() {
             return None;
         }
