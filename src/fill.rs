@@ -184,7 +184,7 @@ async fn run(
         }
     }
     store.commit(writer, digest, Some((&repo, None))).await?;
-    store.cache_used(digest);
+    store.cache_filled(digest).await;
     Ok(())
 }
 

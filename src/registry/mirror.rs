@@ -533,7 +533,7 @@ async fn fetch_manifest(
             None,
         )
         .await?;
-    store.cache_used(&actual);
+    store.cache_filled(&actual).await;
     Ok((actual, meta, bytes))
 }
 

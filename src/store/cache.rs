@@ -32,10 +32,27 @@ struct LruInner {
     tick: u64,
 }
 
+/// Live uses count from here; entries seeded from the records at start-up sit below, so they
+/// are always older than anything used since.
+const LIVE_TICKS: u64 = 1 << 40;
+
 impl Lru {
+    /// Adds a digest found at start-up at recency `ordinal` (0 = least recent), unless it was
+    /// used live meanwhile.
+    fn seed(&self, d: &Digest, size: u64, ordinal: u64) {
+        let mut g = self.inner.lock();
+        if g.entries.contains_key(d) {
+            return;
+        }
+        let tick = ordinal.min(LIVE_TICKS - 1);
+        g.entries.insert(d.clone(), (size, tick));
+        g.order.insert(tick, d.clone());
+        g.bytes += size;
+    }
+
     fn touch(&self, d: &Digest, size: u64) {
         let mut g = self.inner.lock();
-        g.tick += 1;
+        g.tick = g.tick.max(LIVE_TICKS) + 1;
         let tick = g.tick;
         if let Some((old_size, old_tick)) = g.entries.insert(d.clone(), (size, tick)) {
             g.order.remove(&old_tick);
@@ -97,8 +114,8 @@ impl Store {
             }
         }
         cached.sort();
-        for (_, d, size) in cached {
-            self.lru.touch(&d, size);
+        for (i, (_, d, size)) in cached.into_iter().enumerate() {
+            self.lru.seed(&d, size, i as u64);
         }
         Ok(())
     }
@@ -127,6 +144,28 @@ impl Store {
         }
     }
 
+    /// Accounts newly filled mirrored content and, past the bound, evicts before returning
+    /// (on a blocking thread): a fill announces its end only once the cache is back within
+    /// its bound, so the store never holds more than the bound plus the fills in flight.
+    pub async fn cache_filled(self: &Arc<Self>, d: &Digest) {
+        let max = self.lru.max.load(Ordering::Relaxed);
+        if max == u64::MAX {
+            return;
+        }
+        match (self.hosted_holds(d), self.blob_size(d)) {
+            (Ok(true), _) => self.lru.remove(d),
+            (Ok(false), Ok(Some(size))) => self.lru.touch(d, size),
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cache accounting"),
+            _ => {}
+        }
+        if self.lru.bytes() > max {
+            let s = self.clone();
+            if let Err(e) = super::blocking(move || s.enforce_cache_bound(max)).await {
+                tracing::warn!(error = %e, "cache eviction failed");
+            }
+        }
+    }
+
     pub fn cache_bytes(&self) -> u64 {
         self.lru.bytes()
     }
@@ -143,7 +182,9 @@ impl Store {
                 continue;
             }
             let size = self.blob_size(&d)?.unwrap_or(0);
-            self.meta.purge_blob(&d)?;
+            let res = self.meta.purge_blob(&d);
+            self.reads.changed(super::Changed::Everything);
+            res?;
             self.manifest_bytes.invalidate(&d);
             self.blobs.delete(&d)?;
             freed += size;

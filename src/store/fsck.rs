@@ -83,7 +83,9 @@ impl Store {
         if repair {
             for d in &gone {
                 let _g = self.stripe(d).lock();
-                let held = self.meta.purge_blob(d)?;
+                let held = self.meta.purge_blob(d);
+                self.reads.changed(super::Changed::Everything);
+                let held = held?;
                 self.manifest_bytes.invalidate(d);
                 self.blobs.delete(d)?;
                 rep.repaired += 1 + held.len();
@@ -155,7 +157,9 @@ impl Store {
             if let Some(p) = problem {
                 rep.problems.push(p);
                 if repair {
-                    self.meta.delete_manifest(repo, &d, &|_| false)?;
+                    let res = self.meta.delete_manifest(repo, &d, &|_| false);
+                    self.reads.changed(super::Changed::Everything);
+                    res?;
                     rep.repaired += 1;
                 }
             }

@@ -14,6 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Blobs forgotten per metadata commit during a sweep.
+const SWEEP_BATCH: usize = 256;
+
 /// A hosted repository's policy; None for mirrored repositories.
 pub type PolicyOf = Arc<dyn Fn(&str) -> Option<Policy> + Send + Sync>;
 
@@ -44,7 +47,9 @@ impl Store {
             report.tags_removed.push(format!("{repo}:{t}"));
             released.push(d.clone());
             if !dry_run {
-                self.meta.delete_tag(repo, t, policy.is_immutable(t))?;
+                let res = self.meta.delete_tag(repo, t, policy.is_immutable(t));
+                self.reads.changed(super::Changed::Tags(repo, std::slice::from_ref(t)));
+                res?;
             }
         }
         let still_tagged: HashSet<&Digest> = by_age.iter().filter(|(_, t, _)| !expired.contains(t)).map(|(_, _, d)| d).collect();
@@ -56,7 +61,9 @@ impl Store {
             report.manifests_removed.push(format!("{repo}@{d}"));
             if !dry_run {
                 let p = policy.clone();
-                self.meta.delete_manifest(repo, &d, &move |t: &str| p.is_immutable(t))?;
+                let res = self.meta.delete_manifest(repo, &d, &move |t: &str| p.is_immutable(t));
+                self.reads.changed(super::Changed::Everything);
+                res?;
             }
         }
         Ok(())
@@ -151,17 +158,26 @@ impl Store {
                 candidates.push((d, r.size));
             }
         })?;
-        for (d, size) in candidates {
-            if dry_run {
+        if dry_run {
+            for (d, size) in candidates {
                 let holders = self.meta.holders(&d)?;
                 if holders.iter().all(|r| swept_links.contains(&(r.clone(), d.clone())) || removed.contains(format!("{r}@{d}").as_str())) {
                     report.blobs_removed += 1;
                     report.bytes_freed += size;
                 }
-                continue;
             }
-            let _g = self.stripe(&d).lock();
-            if let Some(size) = self.meta.forget_blob_if_unused(&d, cutoff)? {
+            return Ok(report);
+        }
+        // In batches: one commit per batch, under the stripes of every digest in it (taken in
+        // order, so publishers, which take one, never deadlock with it) until the files are
+        // gone.
+        for batch in candidates.chunks(SWEEP_BATCH) {
+            let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+            let mut stripes: Vec<usize> = digests.iter().map(|d| self.stripe_index(d)).collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _held: Vec<_> = stripes.iter().map(|&i| self.blob_locks[i].lock()).collect();
+            for (d, size) in self.meta.forget_blobs_if_unused(&digests, cutoff)? {
                 self.lru.remove(&d);
                 self.manifest_bytes.invalidate(&d);
                 self.blobs.delete(&d)?;

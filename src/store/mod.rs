@@ -64,6 +64,76 @@ pub struct Store {
     blob_locks: Vec<Mutex<()>>,
     /// One collection at a time.
     gc_running: tokio::sync::Mutex<()>,
+    reads: ReadCache,
+}
+
+/// Tags and manifest records as the metadata store last said, for the hot read path (a
+/// lookup in the database costs a fifth of a manifest GET). Never ahead of the store: an entry
+/// is only inserted if no write has completed since the read that produced it began
+/// (`generation`), and every write invalidates what it changed after it commits, under the
+/// same lock, so a stale read can neither be inserted after the invalidation nor survive it.
+struct ReadCache {
+    tags: moka::sync::Cache<String, Digest>,
+    manifests: moka::sync::Cache<String, Arc<ManifestMeta>>,
+    generation: std::sync::atomic::AtomicU64,
+    lock: Mutex<()>,
+}
+
+/// What a write changed, for the read cache.
+enum Changed<'a> {
+    Tags(&'a str, &'a [String]),
+    Manifest(&'a str, &'a Digest),
+    /// Deletions of manifests (and the tags pointing at them): rare, so everything goes.
+    Everything,
+}
+
+fn key2(a: &str, b: &str) -> String {
+    let mut k = String::with_capacity(a.len() + b.len() + 1);
+    k.push_str(a);
+    k.push('\0');
+    k.push_str(b);
+    k
+}
+
+impl ReadCache {
+    fn new() -> ReadCache {
+        ReadCache {
+            tags: moka::sync::Cache::builder().max_capacity(200_000).build(),
+            manifests: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Inserts what a read that began at `generation` found, unless a write completed since.
+    fn fill(&self, generation: u64, insert: impl FnOnce()) {
+        let _g = self.lock.lock();
+        if self.generation() == generation {
+            insert();
+        }
+    }
+
+    /// Called after a write has committed.
+    fn changed(&self, what: Changed<'_>) {
+        let _g = self.lock.lock();
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        match what {
+            Changed::Tags(repo, tags) => {
+                for t in tags {
+                    self.tags.invalidate(&key2(repo, t));
+                }
+            }
+            Changed::Manifest(repo, d) => self.manifests.invalidate(&key2(repo, &d.to_string())),
+            Changed::Everything => {
+                self.tags.invalidate_all();
+                self.manifests.invalidate_all();
+            }
+        }
+    }
 }
 
 /// A blob being written: backend temp plus running hash. Nothing is visible under a digest
@@ -131,9 +201,12 @@ impl Store {
             classes: RwLock::new(Classes::default()),
             blob_locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             gc_running: tokio::sync::Mutex::new(()),
+            reads: ReadCache::new(),
         }))
     }
 
+    /// The metadata store itself, for reads the facade does not offer. Writes through it
+    /// bypass the read cache: tests and tools only.
     pub fn meta(&self) -> &Arc<dyn MetaStore> {
         &self.meta
     }
@@ -142,10 +215,13 @@ impl Store {
         &self.blobs
     }
 
-    fn stripe(&self, d: &Digest) -> &Mutex<()> {
+    fn stripe_index(&self, d: &Digest) -> usize {
         let h = d.hex().as_bytes();
-        let i = (u16::from_str_radix(std::str::from_utf8(&h[..4]).unwrap_or("0"), 16).unwrap_or(0) as usize) % STRIPES;
-        &self.blob_locks[i]
+        (u16::from_str_radix(std::str::from_utf8(&h[..4]).unwrap_or("0"), 16).unwrap_or(0) as usize) % STRIPES
+    }
+
+    fn stripe(&self, d: &Digest) -> &Mutex<()> {
+        &self.blob_locks[self.stripe_index(d)]
     }
 
     /// Tells the store which repositories are mirrored and which namespaces are hosted.
@@ -321,9 +397,10 @@ impl Store {
     ) -> Result<()> {
         let created = self.meta.blob(d)?.is_none();
         self.put_blob_bytes(bytes.clone(), d).await?;
-        let (s, repo, dd) = (self.clone(), repo.to_string(), d.clone());
-        let (meta, tags, expect, refs, immutable) = (meta.clone(), tags.to_vec(), expect.clone(), refs.clone(), immutable.clone());
-        blocking(move || {
+        let (s, repo_owned, dd) = (self.clone(), repo.to_string(), d.clone());
+        let (meta, tags_owned, expect, refs, immutable) = (meta.clone(), tags.to_vec(), expect.clone(), refs.clone(), immutable.clone());
+        let result = blocking(move || {
+            let (repo, tags) = (repo_owned, tags_owned);
             let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
             let put = ManifestPut {
                 meta: &meta,
@@ -345,24 +422,48 @@ impl Store {
             }
             res
         })
-        .await?;
+        .await;
+        self.reads.changed(Changed::Tags(repo, tags));
+        self.reads.changed(Changed::Manifest(repo, d));
+        result?;
         self.manifest_bytes.insert(d.clone(), bytes);
         Ok(())
     }
 
     /// Points a tag at a manifest already in `repo`, if `expect` holds.
     pub async fn set_tag(self: &Arc<Self>, repo: &str, tag: &str, d: &Digest, expect: TagExpect, immutable: bool) -> Result<()> {
-        let (m, repo, tag, d) = (self.meta.clone(), repo.to_string(), tag.to_string(), d.clone());
-        blocking(move || m.set_tag(&repo, &tag, &d, &expect, immutable, now_ms())).await
+        let (m, r, t, d) = (self.meta.clone(), repo.to_string(), tag.to_string(), d.clone());
+        let result = blocking(move || m.set_tag(&r, &t, &d, &expect, immutable, now_ms())).await;
+        self.reads.changed(Changed::Tags(repo, &[tag.to_string()]));
+        result
     }
 
-    /// A point read.
+    /// A point read, from memory when the store said it before.
     pub fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
-        Ok(self.meta.tag(repo, tag)?.map(|t| t.digest))
+        let key = key2(repo, tag);
+        if let Some(d) = self.reads.tags.get(&key) {
+            return Ok(Some(d));
+        }
+        let generation = self.reads.generation();
+        let d = self.meta.tag(repo, tag)?.map(|t| t.digest);
+        if let Some(d) = &d {
+            self.reads.fill(generation, || self.reads.tags.insert(key, d.clone()));
+        }
+        Ok(d)
     }
 
-    pub fn manifest_meta(&self, repo: &str, d: &Digest) -> Result<Option<ManifestMeta>> {
-        self.meta.manifest(repo, d)
+    /// A point read, from memory when the store said it before.
+    pub fn manifest_meta(&self, repo: &str, d: &Digest) -> Result<Option<Arc<ManifestMeta>>> {
+        let key = key2(repo, &d.to_string());
+        if let Some(m) = self.reads.manifests.get(&key) {
+            return Ok(Some(m));
+        }
+        let generation = self.reads.generation();
+        let m = self.meta.manifest(repo, d)?.map(Arc::new);
+        if let Some(m) = &m {
+            self.reads.fill(generation, || self.reads.manifests.insert(key, m.clone()));
+        }
+        Ok(m)
     }
 
     /// The manifest bytes, from memory or from the blob store.
@@ -386,12 +487,16 @@ impl Store {
         immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<bool> {
         let (m, repo, d) = (self.meta.clone(), repo.to_string(), d.clone());
-        blocking(move || m.delete_manifest(&repo, &d, &*immutable)).await
+        let result = blocking(move || m.delete_manifest(&repo, &d, &*immutable)).await;
+        self.reads.changed(Changed::Everything);
+        result
     }
 
     pub async fn delete_tag(self: &Arc<Self>, repo: &str, tag: &str, immutable: bool) -> Result<bool> {
-        let (m, repo, tag) = (self.meta.clone(), repo.to_string(), tag.to_string());
-        blocking(move || m.delete_tag(&repo, &tag, immutable)).await
+        let (m, r, t) = (self.meta.clone(), repo.to_string(), tag.to_string());
+        let result = blocking(move || m.delete_tag(&r, &t, immutable)).await;
+        self.reads.changed(Changed::Tags(repo, &[tag.to_string()]));
+        result
     }
 
     /// One page of a repository's tags; None when the repository is unknown.
@@ -496,5 +601,43 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         assert!(s.delete_manifest("team/a", &d, imm_none()).await.unwrap());
         assert_eq!(s.tag_digest("team/a", "v1").unwrap(), None);
+    }
+
+    /// The read cache never answers with a tag older than a write that has returned, however
+    /// readers and writers interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_cache_never_lags_a_completed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut digests = Vec::new();
+        for i in 0..2 {
+            let body = Bytes::from(format!("{{\"n\":{i}}}"));
+            let d = Digest::sha256_of(&body);
+            let meta = ManifestMeta { media_type: "application/json".into(), size: body.len() as u64, ..Default::default() };
+            s.put_manifest("team/c", &d, body, meta, vec![], TagExpect::Any, (vec![], vec![]), imm_none(), None).await.unwrap();
+            digests.push(d);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (s, stop) = (s.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = s.tag_digest("team/c", "t").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for i in 0..300 {
+            let d = &digests[i % 2];
+            s.set_tag("team/c", "t", d, TagExpect::Any, false).await.unwrap();
+            assert_eq!(s.tag_digest("team/c", "t").unwrap().as_ref(), Some(d), "write {i}");
+        }
+        assert!(s.delete_tag("team/c", "t", false).await.unwrap());
+        assert_eq!(s.tag_digest("team/c", "t").unwrap(), None);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
     }
 }

@@ -180,7 +180,12 @@ pub trait MetaStore: Send + Sync {
     fn touch_blob(&self, d: &Digest, now_ms: u64) -> Result<bool>;
     /// GC: forgets a blob no repository holds and unused since `cutoff_ms`. Returns its size
     /// if it was forgotten.
-    fn forget_blob_if_unused(&self, d: &Digest, cutoff_ms: u64) -> Result<Option<u64>>;
+    fn forget_blob_if_unused(&self, d: &Digest, cutoff_ms: u64) -> Result<Option<u64>> {
+        Ok(self.forget_blobs_if_unused(std::slice::from_ref(d), cutoff_ms)?.pop().map(|(_, size)| size))
+    }
+    /// The same for many blobs in one transaction (one commit, not one per blob): returns
+    /// those forgotten with their sizes.
+    fn forget_blobs_if_unused(&self, ds: &[Digest], cutoff_ms: u64) -> Result<Vec<(Digest, u64)>>;
     /// Forgets a blob whatever holds it, with every link and manifest naming it (eviction,
     /// fsck repair). Returns the repositories that held it.
     fn purge_blob(&self, d: &Digest) -> Result<Vec<String>>;

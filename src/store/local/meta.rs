@@ -514,19 +514,23 @@ impl MetaStore for RedbMeta {
         self.write_lazy(|b| b.touch_blob(&d.to_string(), now_ms))
     }
 
-    fn forget_blob_if_unused(&self, d: &Digest, cutoff_ms: u64) -> Result<Option<u64>> {
+    fn forget_blobs_if_unused(&self, ds: &[Digest], cutoff_ms: u64) -> Result<Vec<(Digest, u64)>> {
         self.write(|b| {
-            let ds = d.to_string();
-            if !b.holders(&ds)?.is_empty() {
-                return Ok(None);
+            let mut out = Vec::new();
+            for d in ds {
+                let s = d.to_string();
+                if !b.holders(&s)?.is_empty() {
+                    continue;
+                }
+                let Some(rec) = b.blob(&s)? else { continue };
+                if rec.used_ms > cutoff_ms {
+                    continue;
+                }
+                b.tx.open_table(BLOBS)?.remove(s.as_str())?;
+                b.add_usage(TOTAL, -(rec.size as i128))?;
+                out.push((d.clone(), rec.size));
             }
-            let Some(rec) = b.blob(&ds)? else { return Ok(None) };
-            if rec.used_ms > cutoff_ms {
-                return Ok(None);
-            }
-            b.tx.open_table(BLOBS)?.remove(ds.as_str())?;
-            b.add_usage(TOTAL, -(rec.size as i128))?;
-            Ok(Some(rec.size))
+            Ok(out)
         })
     }
 
