@@ -10,7 +10,7 @@ use crate::metrics;
 use crate::oci::{Digest, ErrorCode, OciError};
 use crate::store::Store;
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, StreamExt};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -21,6 +21,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 const CHUNK: u64 = 1 << 20;
+/// Bytes gathered from the upstream before one write.
+const BATCH: usize = 256 << 10;
 
 /// Where a fill's bytes come from: the total length if known, and the body.
 pub struct Source {
@@ -162,12 +164,35 @@ async fn run(
         p.started = true;
         p.total = total;
     });
+    // The body ended while a batch was gathered: never poll it again.
+    let mut ended = false;
     loop {
+        if ended {
+            break;
+        }
         let next = tokio::time::timeout(stall_timeout, body.next())
             .await
             .map_err(|_| OciError::msg(ErrorCode::UpstreamTimeout, "upstream stalled mid-blob"))?;
         let Some(chunk) = next else { break };
-        let chunk = chunk?;
+        let mut chunk = chunk?;
+        // Whatever else has already arrived goes to disk in the same blocking call: upstream
+        // bodies come in pieces of a few KiB, and a round trip to the blocking pool per piece
+        // would cost more than the write.
+        if chunk.len() < BATCH {
+            let mut batch = bytes::BytesMut::from(&chunk[..]);
+            while batch.len() < BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(Ok(more))) => batch.extend_from_slice(&more),
+                    Some(Some(Err(e))) => return Err(e),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            chunk = batch.freeze();
+        }
         if total.is_some_and(|t| writer.written() + chunk.len() as u64 > t) {
             return Err(OciError::msg(ErrorCode::UpstreamUnavailable, "upstream sent more bytes than it announced"));
         }

@@ -205,7 +205,8 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
     if let Some(dg) = req.param("digest") {
         let d = Digest::parse(&dg)?;
         let mut w = store.writer(d.algorithm()).await?;
-        while let Some(c) = body.chunk().await? {
+        let mut batch = Batch::default();
+        while let Some(c) = batch.next(body).await? {
             w.write(c).await?;
         }
         if let Some(n) = declared_length(req) {
@@ -295,8 +296,39 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
 /// Appends a request body to an upload session, chunk by chunk as it arrives.
 async fn append(uploads: &Uploads, s: &mut Session, body: &mut dyn RequestBody) -> Result<u64, OciError> {
     let mut a = Appender::default();
-    while let Some(c) = body.chunk().await? {
+    let mut batch = Batch::default();
+    while let Some(c) = batch.next(body).await? {
         uploads.write(s, &mut a, c).await?;
     }
     Ok(uploads.finish(s, a).await?)
+}
+
+/// Bytes gathered from a request body before one write.
+const BATCH: usize = 256 << 10;
+
+/// Gathers body pieces into writes of up to [`BATCH`] bytes: each write is a round trip to
+/// the blocking pool, which costs more than writing one network-sized piece.
+#[derive(Default)]
+struct Batch {
+    ended: bool,
+}
+
+impl Batch {
+    async fn next(&mut self, body: &mut dyn RequestBody) -> Result<Option<Bytes>, OciError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut buf = BytesMut::new();
+        while buf.len() < BATCH {
+            match body.chunk().await? {
+                Some(c) if buf.is_empty() && c.len() >= BATCH => return Ok(Some(c)),
+                Some(c) => buf.extend_from_slice(&c),
+                None => {
+                    self.ended = true;
+                    break;
+                }
+            }
+        }
+        Ok((!buf.is_empty()).then(|| buf.freeze()))
+    }
 }

@@ -87,6 +87,12 @@ enum Changed<'a> {
     Everything,
 }
 
+/// Roughly the heap a manifest record holds.
+fn meta_weight(m: &ManifestMeta) -> usize {
+    let annotations = m.annotations.as_ref().map_or(0, |a| a.iter().map(|(k, v)| k.len() + v.to_string().len() + 64).sum());
+    m.media_type.len() + m.subject.as_ref().map_or(0, String::len) + m.artifact_type.as_ref().map_or(0, String::len) + annotations
+}
+
 fn key2(a: &str, b: &str) -> String {
     let mut k = String::with_capacity(a.len() + b.len() + 1);
     k.push_str(a);
@@ -98,8 +104,15 @@ fn key2(a: &str, b: &str) -> String {
 impl ReadCache {
     fn new() -> ReadCache {
         ReadCache {
-            tags: moka::sync::Cache::builder().max_capacity(200_000).build(),
-            manifests: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            // Bounded by bytes, not entries: names and annotations are the client's to choose.
+            tags: moka::sync::Cache::builder()
+                .weigher(|k: &String, _v: &Digest| (k.len() + 160).try_into().unwrap_or(u32::MAX))
+                .max_capacity(32 << 20)
+                .build(),
+            manifests: moka::sync::Cache::builder()
+                .weigher(|k: &String, v: &Arc<ManifestMeta>| (k.len() + 160 + meta_weight(v)).try_into().unwrap_or(u32::MAX))
+                .max_capacity(32 << 20)
+                .build(),
             generation: std::sync::atomic::AtomicU64::new(0),
             lock: Mutex::new(()),
         }
