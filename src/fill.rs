@@ -278,8 +278,15 @@ impl Fill {
                         Some(Err(e)) => Err(e.clone()),
                         _ => {
                             let verified = matches!(p.done, Some(Ok(())));
-                            // Hold back the final byte until the digest verifies.
-                            let avail = if verified { p.written } else { p.written.saturating_sub(1) };
+                            // A whole body holds back its final byte until the digest
+                            // verifies, so a corrupt fill never completes a transfer. A range
+                            // cannot be cut short that way (it may end before the last byte):
+                            // it waits for the verified blob.
+                            let avail = match (verified, st.end) {
+                                (true, _) => p.written,
+                                (false, Some(_)) => 0,
+                                (false, None) => p.written.saturating_sub(1),
+                            };
                             let end = st.end.or(if verified { Some(p.written) } else { None });
                             Ok((end.map_or(avail, |e| e.min(avail)), verified, end))
                         }
@@ -451,5 +458,25 @@ mod tests {
         gate.add_permits(1);
         gate.add_permits(1);
         assert_eq!(r.await.unwrap().unwrap(), b"23456");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_range_of_a_corrupt_fill_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fills = Arc::new(Fills::default());
+        let d = Digest::sha256_of(b"0123456789");
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (f, _) = fills
+            .join_or_start(&store, "m/r", &d, Duration::from_secs(5), "blob", {
+                let g = gate.clone();
+                // The range 2..7 is complete after the first piece, but the blob is corrupt.
+                Arc::new(move |_| source(vec![Ok(Bytes::from_static(b"01X3456")), Ok(Bytes::from_static(b"789"))], Some(10), g.clone()))
+            })
+            .await
+            .unwrap();
+        let r = tokio::spawn(collect(f.stream(2, Some(7))));
+        gate.add_permits(2);
+        assert!(r.await.unwrap().is_err(), "unverified bytes were served");
     }
 }

@@ -467,3 +467,36 @@ fn gc_command_runs_inside_a_running_server() {
     assert_eq!(rc, 2, "{out}");
     assert!(out.contains("stop it"), "{out}");
 }
+
+#[test]
+fn quota_counts_upload_bytes_and_mounts_and_immutable_images_keep_their_blobs() {
+    let b = Berth::start(
+        "[[namespace]]\nprefix = \"team\"\nimmutable_tags = [\"v*\"]\n\n[[namespace]]\nprefix = \"small\"\nquota_bytes = \"20KiB\"\n",
+    );
+    let c = client();
+    let base = b.url();
+    // A chunked upload is refused as soon as its bytes would pass the quota, not at its PUT.
+    let r = c.post(format!("{base}/v2/small/x/blobs/uploads/")).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c.patch(format!("{base}{loc}")).header("Content-Range", "0-14999").body(vec![1u8; 15_000]).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let r = c.patch(format!("{base}{loc}")).header("Content-Range", "15000-24999").body(vec![1u8; 10_000]).send().unwrap();
+    assert_eq!(code(r), (403, "DENIED".to_string()));
+    assert_eq!(code(c.get(format!("{base}{loc}")).send().unwrap()).0, 404, "the session is gone with its data");
+    // A mount is content entering the namespace like any other.
+    let big = vec![7u8; 30_000];
+    assert_eq!(push_blob(&c, &base, "team/big", &big).status(), 201);
+    let d = common::digest(&big);
+    let r = c.post(format!("{base}/v2/small/x/blobs/uploads/?mount={d}&from=team/big")).send().unwrap();
+    assert_eq!(code(r), (403, "DENIED".to_string()));
+    assert_eq!(c.head(format!("{base}/v2/small/x/blobs/{d}")).send().unwrap().status(), 404);
+    // The blobs of an image under an immutable tag cannot be deleted; others can.
+    let (s, _, ld) = push_image(&c, &base, "team/app", "v1", b"immutable layer");
+    assert_eq!(s, 201);
+    assert_eq!(code(c.delete(format!("{base}/v2/team/app/blobs/{ld}")).send().unwrap()), (403, "DENIED".to_string()));
+    assert_eq!(c.get(format!("{base}/v2/team/app/blobs/{ld}")).send().unwrap().status(), 200);
+    let (s, _, mutable_layer) = push_image(&c, &base, "team/app", "latest", b"mutable layer");
+    assert_eq!(s, 201);
+    assert_eq!(c.delete(format!("{base}/v2/team/app/blobs/{mutable_layer}")).send().unwrap().status(), 202);
+}

@@ -5,7 +5,7 @@ use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
 use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName, Tag};
 use crate::registry::Registry;
-use crate::store::upload::{Appender, Session, Uploads};
+use crate::store::upload::{Appender, Session};
 use crate::store::{ManifestMeta, TagExpect};
 use bytes::{Bytes, BytesMut};
 use http::Method;
@@ -52,6 +52,12 @@ pub async fn handle(
                 serve::blob(store, digest, req.header("range"))?.ok_or_else(|| blob_unknown(digest))
             }
             Method::DELETE => {
+                if let Some(tag) = store.pinned_by_immutable(r, digest, &*reg.immutable_of(r))? {
+                    return Err(OciError::msg(
+                        ErrorCode::Denied,
+                        format!("blob {digest} belongs to {repo}:{tag}, which is immutable; it cannot be deleted"),
+                    ));
+                }
                 if !store.unlink_blob(r, digest).await? {
                     return Err(blob_unknown(digest));
                 }
@@ -204,9 +210,17 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
     }
     if let Some(dg) = req.param("digest") {
         let d = Digest::parse(&dg)?;
+        // A blob the namespace already holds costs nothing; anything else may not pass the
+        // quota, checked as the bytes arrive.
+        let room = if store.blob_linked(repo.as_str(), &d)? { None } else { reg.quota_room(repo.as_str())? };
         let mut w = store.writer(d.algorithm()).await?;
         let mut batch = Batch::default();
         while let Some(c) = batch.next(body).await? {
+            if let Some((room, e)) = &room {
+                if w.written() + c.len() as u64 > *room {
+                    return Err(e.clone());
+                }
+            }
             w.write(c).await?;
         }
         if let Some(n) = declared_length(req) {
@@ -221,7 +235,7 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
     let client = req.client.map(|c| c.to_string()).unwrap_or_default();
     let handle = store.uploads.create(repo.as_str(), &client).await?;
     let mut s = handle.lock().await;
-    append(&store.uploads, &mut s, body).await?;
+    append(reg, &mut s, body).await?;
     Ok(upload_headers(Response::new(202), repo, &s.id, s.offset()))
 }
 
@@ -264,7 +278,7 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            let received = append(uploads, &mut s, body).await?;
+            let received = append(reg, &mut s, body).await?;
             if let Some(n) = declared_length(req) {
                 if received != n {
                     return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {received} bytes, Content-Length said {n}")));
@@ -281,7 +295,7 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            append(uploads, &mut s, body).await?;
+            append(reg, &mut s, body).await?;
             if let Err(e) = reg.check_quota(repo.as_str(), &d, s.offset()) {
                 uploads.remove_locked(&mut s).await;
                 return Err(e);
@@ -294,10 +308,19 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
 }
 
 /// Appends a request body to an upload session, chunk by chunk as it arrives.
-async fn append(uploads: &Uploads, s: &mut Session, body: &mut dyn RequestBody) -> Result<u64, OciError> {
+async fn append(reg: &Registry, s: &mut Session, body: &mut dyn RequestBody) -> Result<u64, OciError> {
+    let uploads = &reg.store.uploads;
+    let room = reg.quota_room(&s.repo)?;
     let mut a = Appender::default();
     let mut batch = Batch::default();
     while let Some(c) = batch.next(body).await? {
+        if let Some((room, e)) = &room {
+            // Refused as soon as the upload's bytes would pass the quota, not at its last PUT.
+            if s.offset() + c.len() as u64 > *room {
+                uploads.remove_locked(s).await;
+                return Err(e.clone());
+            }
+        }
         uploads.write(s, &mut a, c).await?;
     }
     Ok(uploads.finish(s, a).await?)

@@ -138,6 +138,17 @@ impl Registry {
         Ok(())
     }
 
+    /// How many more bytes the namespace holding `repo` may take, with the error to answer
+    /// past that; None without a quota.
+    pub fn quota_room(&self, repo: &str) -> Result<Option<(u64, OciError)>, OciError> {
+        let Some(quota) = self.quota_of(repo) else { return Ok(None) };
+        let group = self.store.group_of(repo);
+        let used = self.store.group_bytes(&group)?;
+        let e =
+            OciError::msg(ErrorCode::Denied, format!("namespace {group} is at its {quota}-byte quota ({used} used); delete content first"));
+        Ok(Some((quota.saturating_sub(used), e)))
+    }
+
     /// Runs retention and garbage collection over the whole store.
     pub async fn gc(&self, dry_run: bool) -> Result<crate::store::gc::GcReport, crate::store::StoreError> {
         let (config, store) = (self.config.clone(), self.store.clone());

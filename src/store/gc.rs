@@ -79,6 +79,31 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// The immutable tag (if any) whose image references `d`, directly or through an index's
+    /// children: such a blob must not be unlinked, or the image breaks.
+    pub fn pinned_by_immutable(&self, repo: &str, d: &Digest, immutable: &dyn Fn(&str) -> bool) -> Result<Option<String>> {
+        for (tag, rec) in self.meta.tags_with_times(repo)? {
+            if !immutable(&tag) {
+                continue;
+            }
+            let mut todo = vec![rec.digest];
+            let mut seen = HashSet::new();
+            while let Some(m) = todo.pop() {
+                if !seen.insert(m.clone()) {
+                    continue;
+                }
+                let Some(meta) = self.manifest_meta(repo, &m)? else { continue };
+                for r in self.refs_of(&m, &meta.media_type) {
+                    if &r == d {
+                        return Ok(Some(tag));
+                    }
+                    todo.push(r);
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Every manifest of `repo` with the digests it references.
     fn manifest_refs(&self, repo: &str) -> Result<Vec<(Digest, Vec<Digest>)>> {
         Ok(self.meta.manifests(repo)?.into_iter().map(|(d, m)| (d.clone(), self.refs_of(&d, &m.media_type))).collect())
