@@ -500,3 +500,48 @@ fn quota_counts_upload_bytes_and_mounts_and_immutable_images_keep_their_blobs() 
     assert_eq!(s, 201);
     assert_eq!(c.delete(format!("{base}/v2/team/app/blobs/{mutable_layer}")).send().unwrap().status(), 202);
 }
+
+#[test]
+fn full_disk_every_concurrent_client_of_a_cold_blob_gets_the_bytes() {
+    if !common::require("mount") {
+        return;
+    }
+    let fake = Fake::start();
+    let small: Vec<u8> = (0..(1 << 20)).map(|i| (i % 239) as u8).collect();
+    let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 233) as u8).collect();
+    let digests = [fake.add_blob(&small), fake.add_blob(&big)];
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    }
+    let _guard = Tmpfs(data.clone());
+    let b = Berth::start_in(dir, &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
+    // Take every byte that is left.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(data.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    for (round, d) in digests.iter().enumerate() {
+        let clients: Vec<_> = (0..5)
+            .map(|_| {
+                let (url, d) = (format!("{}/v2/library/full/blobs/{d}", b.url()), d.clone());
+                std::thread::spawn(move || {
+                    let r = client().get(url).send().unwrap();
+                    let status = r.status().as_u16();
+                    (status, common::digest(&r.bytes().unwrap()) == d)
+                })
+            })
+            .collect();
+        for c in clients {
+            assert_eq!(c.join().unwrap(), (200, true), "round {round}: every client gets every byte");
+        }
+    }
+}

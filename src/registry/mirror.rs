@@ -342,28 +342,43 @@ impl Mirror {
             }
             .boxed()
         });
+        // The disk is full: stream straight from upstream, uncached.
+        let uncached = |outcome: &mut Outcome, counted: bool| {
+            if !counted {
+                metrics::FILLS_UNCACHED.inc();
+            }
+            outcome.cache = Some("miss");
+            let (opener, d) = (opener.clone(), d.clone());
+            async move {
+                let src = opener(0).await?;
+                Ok::<_, OciError>(
+                    Response::new(200)
+                        .header("Docker-Content-Digest", d.to_string())
+                        .header("Content-Type", "application/octet-stream")
+                        .header("X-Berth-Cache", "uncached")
+                        .body(Body::Stream {
+                            stream: src.body.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))).boxed(),
+                            len: src.total,
+                        }),
+                )
+            }
+        };
         let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", opener.clone()).await {
             Ok(x) => x,
-            Err(e) if e.code == ErrorCode::InsufficientStorage => {
-                // Not even a temp file fits: stream straight from upstream, uncached.
-                metrics::FILLS_UNCACHED.inc();
-                let src = opener(0).await?;
-                outcome.cache = Some("miss");
-                return Ok(Response::new(200)
-                    .header("Docker-Content-Digest", d.to_string())
-                    .header("Content-Type", "application/octet-stream")
-                    .header("X-Berth-Cache", "uncached")
-                    .body(Body::Stream {
-                        stream: src.body.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))).boxed(),
-                        len: src.total,
-                    }));
-            }
+            // Not even a temp file fits.
+            Err(e) if e.code == ErrorCode::InsufficientStorage => return uncached(outcome, false).await,
             Err(e) => return Err(e),
         };
         let result = if started { "miss" } else { "coalesced" };
         count(result);
         outcome.cache = Some(result);
-        let total = fill.started().await?;
+        let total = match fill.started().await {
+            Ok(t) => t,
+            // The fill ran out of space before this client saw it start: this client gets the
+            // bytes anyway, as those already reading do. (The fill counted itself uncached.)
+            Err(e) if e.code == ErrorCode::InsufficientStorage => return uncached(outcome, true).await,
+            Err(e) => return Err(e),
+        };
         let base = Response::new(200)
             .header("Docker-Content-Digest", d.to_string())
             .header("Content-Type", "application/octet-stream")
