@@ -84,11 +84,16 @@ impl Htpasswd {
         self.users.is_empty()
     }
 
-    /// The highest cost in the file: a dummy verification for an unknown user at this cost
-    /// takes as long as a real one.
+    /// The highest cost in the file: every wrong password, and every unknown user, costs the
+    /// bcrypt work of this cost.
     pub fn cost(&self) -> u32 {
         self.cost
     }
+}
+
+/// The cost of an entry's hash, as the file was checked with at load.
+pub(crate) fn hash_cost(hash: &str) -> Option<u32> {
+    bcrypt_cost(hash)
 }
 
 /// The cost of a well-formed `$2a$`/`$2b$`/`$2y$` hash: `$2y$CC$` then 53 characters of bcrypt's

@@ -2,6 +2,7 @@
 //! pull/push policy of namespaces and mirrors, and brute-force throttling. Knows nothing of
 //! pingora or of HTTP beyond the `Authorization` header value; `registry` applies it.
 
+pub mod hashing;
 pub mod htpasswd;
 pub mod policy;
 pub mod throttle;
@@ -13,6 +14,7 @@ pub use token::{Access, Claims, Issued};
 
 use crate::config::AuthConfig;
 use base64::Engine as _;
+use hashing::FairPool;
 use parking_lot::{Mutex, RwLock};
 use sha2::Digest as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -79,19 +81,14 @@ pub enum Refusal {
     InvalidToken(String),
 }
 
+/// Concurrent password checks one address may run: enough for a client that logs in on two
+/// connections at once, too few to take the hashing capacity from others.
+const CHECKS_PER_ADDRESS: usize = 2;
+
 /// The users as last loaded, with what identifies that version of the file.
 struct UserDb {
     users: Htpasswd,
-    /// A hash at the file's cost, verified for unknown users so they take as long as real ones.
-    dummy: String,
     version: Option<(SystemTime, u64)>,
-}
-
-impl UserDb {
-    fn new(users: Htpasswd, version: Option<(SystemTime, u64)>) -> Result<UserDb, String> {
-        let dummy = bcrypt::hash(uuid::Uuid::new_v4().to_string(), users.cost()).map_err(|e| e.to_string())?;
-        Ok(UserDb { users, dummy, version })
-    }
 }
 
 fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
@@ -110,7 +107,7 @@ pub struct Auth {
     /// anything that can be checked offline against it is kept.
     verified: moka::sync::Cache<[u8; 32], ()>,
     pepper: [u8; 32],
-    bcrypt_slots: tokio::sync::Semaphore,
+    hashing: FairPool,
     pub service: String,
     pub realm: Option<String>,
 }
@@ -141,7 +138,7 @@ fn bearer_token(authorization: &str) -> Option<&str> {
 impl Auth {
     pub fn new(cfg: &AuthConfig, storage_root: &Path) -> Result<Auth, String> {
         let key = TokenKey::load_or_generate(cfg.token_key.as_deref(), storage_root)?;
-        let db = UserDb::new((*cfg.users).clone(), file_version(&cfg.htpasswd))?;
+        let db = UserDb { users: (*cfg.users).clone(), version: file_version(&cfg.htpasswd) };
         let mut pepper = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pepper).map_err(|_| "no randomness".to_string())?;
         let slots = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
@@ -154,7 +151,7 @@ impl Auth {
             throttle: Throttle::new(cfg.max_failures, cfg.failure_window),
             verified: moka::sync::Cache::builder().max_capacity(VERIFIED_MAX).time_to_live(VERIFIED_TTL).build(),
             pepper,
-            bcrypt_slots: tokio::sync::Semaphore::new(slots),
+            hashing: FairPool::new(slots, CHECKS_PER_ADDRESS),
             service: cfg.service.clone(),
             realm: cfg.realm.clone(),
         })
@@ -200,23 +197,32 @@ impl Auth {
         let db = self.users().await;
         let stored = db.users.hash_of(user);
         let key = stored.map(|h| self.cache_key(user, password, h));
-        if key.is_some_and(|k| self.verified.contains_key(&k)) {
+        let known = |key: Option<[u8; 32]>| key.is_some_and(|k| self.verified.contains_key(&k));
+        if known(key) {
             return Ok(());
         }
-        let ok = {
-            let _slot = self.bcrypt_slots.acquire().await.map_err(|_| Refusal::BadCredentials)?;
-            let hash = stored.unwrap_or(&db.dummy).to_string();
-            let password = password.to_string();
-            let matched = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false);
-            matched && stored.is_some()
-        };
-        match (ok, key) {
+        let slot = self.hashing.acquire(throttle::bucket(ip)).await;
+        // While this request waited, another with the same credentials (a client logging in on
+        // several connections) may have checked them.
+        if known(key) {
+            return Ok(());
+        }
+        let attempt = self.throttle.begin(ip).map_err(Refusal::Throttled)?;
+        let (hash, password, max_cost) = (stored.map(str::to_string), password.to_string(), db.users.cost());
+        // The slot goes with the work: a client that hangs up does not free it before bcrypt ends.
+        let matched = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            hashing::verify_evenly(&password, hash.as_deref(), max_cost)
+        })
+        .await
+        .unwrap_or(false);
+        match (matched, key) {
             (true, Some(k)) => {
                 self.verified.insert(k, ());
+                self.throttle.succeeded(attempt);
                 Ok(())
             }
             _ => {
-                self.throttle.fail(ip);
                 count(&Refusal::BadCredentials);
                 tracing::info!(target: "auth", user, client = %ip, "rejected credentials");
                 Err(Refusal::BadCredentials)
@@ -247,7 +253,7 @@ impl Auth {
             if version.is_none() || version == seen {
                 return None;
             }
-            Some(Htpasswd::load(&path).map_err(|e| e.to_string()).and_then(|u| UserDb::new(u, version)).map_err(|e| (e, version)))
+            Some(Htpasswd::load(&path).map(|users| UserDb { users, version }).map_err(|e| (e.to_string(), version)))
         })
         .await
         .ok()
@@ -263,7 +269,7 @@ impl Auth {
             Some(Err((e, version))) => {
                 tracing::error!(target: "auth", error = %e, "the changed htpasswd file does not load; keeping the previous users");
                 // Remember the bad version so the error is reported once per change.
-                let kept = Arc::new(UserDb { users: current.users.clone(), dummy: current.dummy.clone(), version });
+                let kept = Arc::new(UserDb { users: current.users.clone(), version });
                 *self.db.write() = kept.clone();
                 kept
             }
