@@ -332,3 +332,66 @@ fn a_store_written_by_berth_0_1_opens() {
     let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{out}");
 }
+
+#[test]
+fn a_patch_body_must_match_its_content_range() {
+    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    let c = client();
+    let r = c.post(format!("{}/v2/team/cr/blobs/uploads/", b.url())).send().unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let url = format!("{}{loc}", b.url());
+    // Announced by Content-Length: refused before anything is read.
+    let r = c.patch(&url).header("Content-Range", "0-99").body(vec![1u8; 50]).send().unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["range"], "0-0", "the session is as it was");
+    // A chunked body shorter than its range: what arrived in order is kept, and the client
+    // learns where to resume.
+    // (a reader of unknown length goes out chunked, without Content-Length)
+    let r = c
+        .patch(&url)
+        .header("Content-Range", "0-99")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(vec![2u8; 50])))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["range"], "0-49");
+    // Longer than its range: nothing past it is written.
+    let r = c
+        .patch(&url)
+        .header("Content-Range", "50-59")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(vec![3u8; 500])))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    let r = c.get(&url).send().unwrap();
+    let end: u64 = r.headers()["range"].to_str().unwrap().split('-').nth(1).unwrap().parse().unwrap();
+    assert!(end < 60, "bytes past the range were stored: {end}");
+}
+
+#[test]
+fn an_upload_status_does_not_wait_for_a_stalled_patch() {
+    use std::io::Write;
+    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    let c = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let r = c.post(format!("{}/v2/team/st/blobs/uploads/", b.url())).send().unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    // A PATCH that sends 300 KiB of its 1 MiB, then nothing. Its first 256 KiB reach the disk
+    // (berth writes in batches of that size), which shows that it holds the session.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", b.port)).unwrap();
+    write!(stalled, "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Range: 0-1048575\r\nContent-Length: 1048576\r\n\r\n").unwrap();
+    stalled.write_all(&vec![7u8; 300 << 10]).unwrap();
+    // Status requests answer at once (each within the client's 5 s) while the PATCH holds it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered = 0;
+    while answered < 3 {
+        let r = c.get(format!("{}{loc}", b.url())).send().expect("status answered while a PATCH holds the session");
+        assert_eq!(r.status(), 204);
+        let end: u64 = r.headers()["range"].to_str().unwrap().split('-').nth(1).unwrap().parse().unwrap();
+        if end >= (256 << 10) - 1 {
+            assert!(end < 300 << 10, "more than was sent: {end}");
+            answered += 1;
+        }
+        assert!(Instant::now() < deadline, "the stalled PATCH's first batch never showed");
+    }
+    drop(stalled);
+}

@@ -235,7 +235,7 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
     let client = req.client.map(|c| c.to_string()).unwrap_or_default();
     let handle = store.uploads.create(repo.as_str(), &client).await?;
     let mut s = handle.lock().await;
-    append(reg, &mut s, body).await?;
+    append(reg, &mut s, body, None).await?;
     Ok(upload_headers(Response::new(202), repo, &s.id, s.offset()))
 }
 
@@ -260,12 +260,41 @@ fn out_of_order(req: &Request<'_>, repo: &RepoName, id: &str, offset: u64) -> Op
     if start != offset || end < start {
         return refuse(format!("chunk starts at {start} but the upload has {offset} bytes; send chunks in order"));
     }
+    if let Some(n) = declared_length(req).filter(|&n| n != end - start + 1) {
+        return refuse(format!("Content-Range {start}-{end} covers {} bytes but the body has {n}", end - start + 1));
+    }
     None
+}
+
+/// How many bytes the request's `Content-Range` says its body carries.
+fn range_len(req: &Request<'_>) -> Option<u64> {
+    req.header("content-range").and_then(content_range).map(|(a, b)| b - a + 1)
+}
+
+/// A body that did not match its `Content-Range`: 416 with where the upload now stands, so the
+/// client can resume from there (what was received in order is kept).
+fn range_mismatch(repo: &RepoName, id: &str, offset: u64, want: u64, got: u64, longer: bool) -> Response {
+    let what = if longer { "more than" } else { "only" };
+    let e = OciError::msg(ErrorCode::RangeInvalid, format!("Content-Range announced {want} bytes but the body sent {what} {got}"));
+    upload_headers(Response::error(&e), repo, id, offset)
 }
 
 async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, body: &mut dyn RequestBody) -> Result<Response, OciError> {
     let uploads = &reg.store.uploads;
     let handle = uploads.get(id, repo.as_str())?;
+    if matches!(*req.method, Method::GET | Method::HEAD) {
+        if let Ok(s) = handle.try_lock() {
+            if !s.needs_rehash() {
+                uploads.check(&s, repo.as_str())?;
+                return Ok(upload_headers(Response::new(204), repo, id, s.offset()));
+            }
+        } else {
+            // A PATCH holds the session: answer with what has reached the disk so far rather
+            // than wait for a client that may be slow.
+            let offset = uploads.stored_len(id, repo.as_str())?;
+            return Ok(upload_headers(Response::new(204), repo, id, offset));
+        }
+    }
     let mut s = handle.lock().await;
     uploads.ready(&mut s, repo.as_str()).await?;
     match *req.method {
@@ -278,7 +307,10 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            let received = append(reg, &mut s, body).await?;
+            let (received, longer) = append(reg, &mut s, body, range_len(req)).await?;
+            if let Some(want) = range_len(req).filter(|&w| longer || w != received) {
+                return Ok(range_mismatch(repo, id, s.offset(), want, received, longer));
+            }
             if let Some(n) = declared_length(req) {
                 if received != n {
                     return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {received} bytes, Content-Length said {n}")));
@@ -295,7 +327,10 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(refused) = out_of_order(req, repo, id, s.offset()) {
                 return Ok(refused);
             }
-            append(reg, &mut s, body).await?;
+            let (received, longer) = append(reg, &mut s, body, range_len(req)).await?;
+            if let Some(want) = range_len(req).filter(|&w| longer || w != received) {
+                return Ok(range_mismatch(repo, id, s.offset(), want, received, longer));
+            }
             if let Err(e) = reg.check_quota(repo.as_str(), &d, s.offset()) {
                 uploads.remove_locked(&mut s).await;
                 return Err(e);
@@ -307,13 +342,18 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
     }
 }
 
-/// Appends a request body to an upload session, chunk by chunk as it arrives.
-async fn append(reg: &Registry, s: &mut Session, body: &mut dyn RequestBody) -> Result<u64, OciError> {
+/// Appends a request body to an upload session, chunk by chunk as it arrives; with `limit`
+/// (the `Content-Range` length) nothing past it is written. Returns the bytes written and
+/// whether the body went past the limit.
+async fn append(reg: &Registry, s: &mut Session, body: &mut dyn RequestBody, limit: Option<u64>) -> Result<(u64, bool), OciError> {
     let uploads = &reg.store.uploads;
     let room = reg.quota_room(&s.repo)?;
     let mut a = Appender::default();
     let mut batch = Batch::default();
     while let Some(c) = batch.next(body).await? {
+        if limit.is_some_and(|l| a.received() + c.len() as u64 > l) {
+            return Ok((uploads.finish(s, a).await?, true));
+        }
         if let Some((room, e)) = &room {
             // Refused as soon as the upload's bytes would pass the quota, not at its last PUT.
             if s.offset() + c.len() as u64 > *room {
@@ -323,7 +363,7 @@ async fn append(reg: &Registry, s: &mut Session, body: &mut dyn RequestBody) -> 
         }
         uploads.write(s, &mut a, c).await?;
     }
-    Ok(uploads.finish(s, a).await?)
+    Ok((uploads.finish(s, a).await?, false))
 }
 
 /// Bytes gathered from a request body before one write.

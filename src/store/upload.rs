@@ -30,6 +30,11 @@ impl Session {
     pub fn offset(&self) -> u64 {
         self.offset
     }
+
+    /// Picked up after a restart and not hashed again yet: its offset is not known.
+    pub fn needs_rehash(&self) -> bool {
+        self.hasher.is_none()
+    }
 }
 
 pub type SessionHandle = Arc<tokio::sync::Mutex<Session>>;
@@ -39,6 +44,13 @@ pub type SessionHandle = Arc<tokio::sync::Mutex<Session>>;
 pub struct Appender {
     file: Option<Box<dyn Write + Send>>,
     received: u64,
+}
+
+impl Appender {
+    /// Bytes this request has appended so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
 }
 
 #[derive(Default)]
@@ -161,6 +173,23 @@ impl Uploads {
             gone: false,
         }));
         Ok(self.live.lock().entry(id.to_string()).or_insert(s).clone())
+    }
+
+    /// Checks that the session is still open and belongs to `repo`.
+    pub fn check(&self, s: &Session, repo: &str) -> Result<()> {
+        if s.gone || s.repo != repo {
+            return Err(unknown(&s.id));
+        }
+        Ok(())
+    }
+
+    /// The bytes of session `id` (of `repo`) on disk, without waiting for a request that holds
+    /// the session.
+    pub fn stored_len(&self, id: &str, repo: &str) -> Result<u64> {
+        match self.meta.upload(id)? {
+            Some(rec) if rec.repo == repo => self.blobs.upload_len(id)?.ok_or_else(|| unknown(id)),
+            _ => Err(unknown(id)),
+        }
     }
 
     /// Checks that the locked session is still open and belongs to `repo`, and hashes the data

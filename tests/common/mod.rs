@@ -14,8 +14,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound then released; the tests start their servers right after).
+/// Never the same port twice in one test process: tests run in parallel, and the kernel may
+/// hand a just-released port to the next test before the first one's server has bound it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return port;
+        }
+    }
+    panic!("no fresh loopback port");
 }
 
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
@@ -96,6 +107,11 @@ impl Berth {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
+            // A berth that exited (a port taken by another process, say) must not pass for ready
+            // because something else answers on its admin port.
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("berth exited ({status}) before it was ready; log:\n{}", self.log());
+            }
             if let Ok(r) = http_get(&format!("http://127.0.0.1:{}/readyz", self.admin_port)) {
                 if r == 200 {
                     return;
