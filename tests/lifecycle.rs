@@ -329,6 +329,26 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
 
 struct Tmpfs(std::path::PathBuf);
 
+/// A temp dir whose `data` is a tmpfs of `size`: a disk that fills up. None (the test skips)
+/// where mounting is not allowed, unless the real clients are required.
+fn small_disk(size: &str) -> Option<(tempfile::TempDir, std::path::PathBuf, Tmpfs)> {
+    if !common::require("mount") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted =
+        Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return None;
+    }
+    let guard = Tmpfs(data.clone());
+    Some((dir, data, guard))
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -337,19 +357,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn full_disk_fails_pushes_cleanly_and_keeps_reads_working() {
-    if !common::require("mount") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
-        eprintln!("skipping: cannot mount a tmpfs here");
-        return;
-    }
-    let _guard = Tmpfs(data.clone());
+    let Some((dir, _data, _guard)) = small_disk("3m") else { return };
     let b = Berth::start_in(dir, "[[namespace]]\nprefix = \"team\"\n");
     let c = client();
     let (s, _, small) = push_image(&c, &b.url(), "team/app", "v1", b"small layer");
@@ -413,22 +421,10 @@ fn namespace_policies_retention_immutability_quota() {
 
 #[test]
 fn full_disk_fill_still_streams_to_clients_uncached() {
-    if !common::require("mount") {
-        return;
-    }
     let fake = Fake::start();
     let blob: Vec<u8> = (0..(5 << 20)).map(|i| (i % 241) as u8).collect();
     let d = fake.add_blob(&blob);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
-        eprintln!("skipping: cannot mount a tmpfs here");
-        return;
-    }
-    let _guard = Tmpfs(data.clone());
+    let Some((dir, _data, _guard)) = small_disk("2m") else { return };
     let b = Berth::start_in(dir, &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
     let c = client();
     for _ in 0..2 {
@@ -503,23 +499,11 @@ fn quota_counts_upload_bytes_and_mounts_and_immutable_images_keep_their_blobs() 
 
 #[test]
 fn full_disk_every_concurrent_client_of_a_cold_blob_gets_the_bytes() {
-    if !common::require("mount") {
-        return;
-    }
     let fake = Fake::start();
     let small: Vec<u8> = (0..(1 << 20)).map(|i| (i % 239) as u8).collect();
     let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 233) as u8).collect();
     let digests = [fake.add_blob(&small), fake.add_blob(&big)];
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&data).status().is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(std::env::var("BERTH_REQUIRE_CLIENTS").ok().as_deref() != Some("1"), "cannot mount a tmpfs (needs root)");
-        eprintln!("skipping: cannot mount a tmpfs here");
-        return;
-    }
-    let _guard = Tmpfs(data.clone());
+    let Some((dir, data, _guard)) = small_disk("4m") else { return };
     let b = Berth::start_in(dir, &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url()));
     // Take every byte that is left.
     {
