@@ -72,30 +72,32 @@ fn format_access(out: &mut Vec<u8>, format: LogFormat, now: std::time::SystemTim
             let _ = writeln!(out, " duration_ms={} cache={:?} upstream={:?} error={:?}", a.duration_ms, a.cache, a.upstream, a.error);
         }
         LogFormat::Json => {
-            let s = |out: &mut Vec<u8>, v: &str| {
+            // `,"key":` then the value: strings through serde_json's escaping, numbers as they are.
+            let key = |out: &mut Vec<u8>, k: &str| {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(k.as_bytes());
+                out.extend_from_slice(b"\":");
+            };
+            let text = |out: &mut Vec<u8>, k: &str, v: &str| {
+                key(out, k);
                 let _ = serde_json::to_writer(&mut *out, v);
             };
             let _ = write!(out, "{{\"timestamp\":\"{ts}\",\"level\":\"INFO\",\"fields\":{{\"method\":");
-            s(out, a.method);
-            out.extend_from_slice(b",\"route\":");
-            s(out, a.route);
-            out.extend_from_slice(b",\"repository\":");
-            s(out, a.repository);
-            out.extend_from_slice(b",\"user\":");
-            s(out, a.user);
-            out.extend_from_slice(b",\"status\":");
+            let _ = serde_json::to_writer(&mut *out, a.method);
+            text(out, "route", a.route);
+            text(out, "repository", a.repository);
+            text(out, "user", a.user);
+            key(out, "status");
             out.extend_from_slice(num.format(a.status).as_bytes());
-            out.extend_from_slice(b",\"bytes\":");
+            key(out, "bytes");
             out.extend_from_slice(num.format(a.bytes).as_bytes());
             // Always a JSON float (1.0, not 1), as the generic formatter writes an f64.
             let d = if a.duration_ms.is_finite() { a.duration_ms } else { 0.0 };
-            let _ = write!(out, ",\"duration_ms\":{d:?}");
-            out.extend_from_slice(b",\"cache\":");
-            s(out, a.cache);
-            out.extend_from_slice(b",\"upstream\":");
-            s(out, a.upstream);
-            out.extend_from_slice(b",\"error\":");
-            s(out, a.error);
+            key(out, "duration_ms");
+            let _ = write!(out, "{d:?}");
+            text(out, "cache", a.cache);
+            text(out, "upstream", a.upstream);
+            text(out, "error", a.error);
             out.extend_from_slice(b"},\"target\":\"access\"}\n");
         }
     }

@@ -228,7 +228,6 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
                 return Err(OciError::msg(ErrorCode::SizeInvalid, format!("received {} bytes, Content-Length said {n}", w.written())));
             }
         }
-        reg.check_quota(repo.as_str(), &d, w.written())?;
         store.commit(w, &d, Some((repo.as_str(), reg.quota_of(repo.as_str())))).await?;
         return Ok(created(repo, &d));
     }
@@ -331,10 +330,8 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
             if let Some(want) = range_len(req).filter(|&w| longer || w != received) {
                 return Ok(range_mismatch(repo, id, s.offset(), want, received, longer));
             }
-            if let Err(e) = reg.check_quota(repo.as_str(), &d, s.offset()) {
-                uploads.remove_locked(&mut s).await;
-                return Err(e);
-            }
+            // The bytes were held to the quota as they arrived; the commit checks it again in
+            // the same transaction that links the blob.
             uploads.commit(&reg.store, &mut s, &d, reg.quota_of(repo.as_str())).await?;
             Ok(created(repo, &d))
         }

@@ -123,19 +123,13 @@ impl Registry {
         self.config.namespaces.iter().find(|n| n.prefix == group).and_then(|n| n.policy.quota_bytes)
     }
 
-    /// Refuses early, before a body is read, content that would take the namespace over its
+    /// Refuses, before anything is stored, content that would take the namespace over its
     /// quota; the store checks again when it links the content.
     pub fn check_quota(&self, repo: &str, d: &crate::oci::Digest, size: u64) -> Result<(), OciError> {
-        let Some(quota) = self.quota_of(repo) else { return Ok(()) };
-        if self.store.blob_linked(repo, d)? {
-            return Ok(());
+        match self.quota_room(repo)? {
+            Some((room, e)) if size > room && !self.store.blob_linked(repo, d)? => Err(e),
+            _ => Ok(()),
         }
-        let group = self.store.group_of(repo);
-        let used = self.store.group_bytes(&group)?;
-        if used + size > quota {
-            return Err(crate::store::StoreError::Quota { namespace: group, would_use: used + size, quota }.into());
-        }
-        Ok(())
     }
 
     /// How many more bytes the namespace holding `repo` may take, with the error to answer

@@ -57,9 +57,7 @@ pub fn range_error(e: OciError, len: u64) -> Response {
 /// A committed blob, whole or ranged.
 pub fn blob(store: &Store, d: &Digest, range: Option<&str>) -> Result<Option<Response>, OciError> {
     let Some(body) = store.open_blob(d)? else { return Ok(None) };
-    let len = match &body {
-        BlobBody::File { len, .. } | BlobBody::Stream { len, .. } | BlobBody::Redirect { len, .. } => *len,
-    };
+    let len = body.size();
     let base = Response::new(200)
         .header("Docker-Content-Digest", d.to_string())
         .header("Content-Type", "application/octet-stream")

@@ -120,6 +120,16 @@ impl Store {
         Ok(())
     }
 
+    /// Puts a use of `d` in the recency order, or takes it out if a hosted repository holds it.
+    fn account(&self, d: &Digest) {
+        match (self.hosted_holds(d), self.blob_size(d)) {
+            (Ok(true), _) => self.lru.remove(d),
+            (Ok(false), Ok(Some(size))) => self.lru.touch(d, size),
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cache accounting"),
+            _ => {}
+        }
+    }
+
     /// Records a use of mirrored content; past the bound, starts an eviction pass in the
     /// background. Free when no bound is configured.
     pub fn cache_used(self: &Arc<Self>, d: &Digest) {
@@ -127,12 +137,7 @@ impl Store {
         if max == u64::MAX {
             return;
         }
-        match (self.hosted_holds(d), self.blob_size(d)) {
-            (Ok(true), _) => self.lru.remove(d),
-            (Ok(false), Ok(Some(size))) => self.lru.touch(d, size),
-            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cache accounting"),
-            _ => {}
-        }
+        self.account(d);
         if self.lru.bytes() > max && !self.lru.evicting.swap(true, Ordering::AcqRel) {
             let s = self.clone();
             tokio::task::spawn_blocking(move || {
@@ -152,12 +157,7 @@ impl Store {
         if max == u64::MAX {
             return;
         }
-        match (self.hosted_holds(d), self.blob_size(d)) {
-            (Ok(true), _) => self.lru.remove(d),
-            (Ok(false), Ok(Some(size))) => self.lru.touch(d, size),
-            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cache accounting"),
-            _ => {}
-        }
+        self.account(d);
         if self.lru.bytes() > max {
             let s = self.clone();
             if let Err(e) = super::blocking(move || s.enforce_cache_bound(max)).await {

@@ -9,7 +9,6 @@ use super::error::Result;
 use super::Store;
 use crate::oci::{manifest, Digest, Hasher};
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 
 #[derive(Debug, Default)]
 pub struct FsckReport {
@@ -24,14 +23,8 @@ impl Store {
     fn hash_blob(&self, d: &Digest) -> Result<Option<Digest>> {
         let Some(mut r) = self.blobs.reader(d)? else { return Ok(None) };
         let mut h = Hasher::new(d.algorithm());
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = r.read(&mut buf)?;
-            if n == 0 {
-                return Ok(Some(h.finish()));
-            }
-            h.update(&buf[..n]);
-        }
+        super::hash_into(&mut r, &mut h)?;
+        Ok(Some(h.finish()))
     }
 
     /// Blocking: reads every blob.

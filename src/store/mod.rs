@@ -29,6 +29,20 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Feeds everything `r` yields into `h`; returns how many bytes. Blocking.
+fn hash_into(r: &mut dyn std::io::Read, h: &mut Hasher) -> Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
 /// Runs blocking storage work off the async workers.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
@@ -93,13 +107,7 @@ fn meta_weight(m: &ManifestMeta) -> usize {
     m.media_type.len() + m.subject.as_ref().map_or(0, String::len) + m.artifact_type.as_ref().map_or(0, String::len) + annotations
 }
 
-fn key2(a: &str, b: &str) -> String {
-    let mut k = String::with_capacity(a.len() + b.len() + 1);
-    k.push_str(a);
-    k.push('\0');
-    k.push_str(b);
-    k
-}
+use local::meta::k2 as key2;
 
 impl ReadCache {
     fn new() -> ReadCache {
@@ -443,14 +451,6 @@ impl Store {
         Ok(())
     }
 
-    /// Points a tag at a manifest already in `repo`, if `expect` holds.
-    pub async fn set_tag(self: &Arc<Self>, repo: &str, tag: &str, d: &Digest, expect: TagExpect, immutable: bool) -> Result<()> {
-        let (m, r, t, d) = (self.meta.clone(), repo.to_string(), tag.to_string(), d.clone());
-        let result = blocking(move || m.set_tag(&r, &t, &d, &expect, immutable, now_ms())).await;
-        self.reads.changed(Changed::Tags(repo, &[tag.to_string()]));
-        result
-    }
-
     /// A point read, from memory when the store said it before.
     pub fn tag_digest(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
         let key = key2(repo, tag);
@@ -643,7 +643,9 @@ mod tests {
             .collect();
         for i in 0..300 {
             let d = &digests[i % 2];
-            s.set_tag("team/c", "t", d, TagExpect::Any, false).await.unwrap();
+            let body = Bytes::from(format!("{{\"n\":{}}}", i % 2));
+            let meta = ManifestMeta { media_type: "application/json".into(), size: body.len() as u64, ..Default::default() };
+            s.put_manifest("team/c", d, body, meta, vec!["t".into()], TagExpect::Any, (vec![], vec![]), imm_none(), None).await.unwrap();
             assert_eq!(s.tag_digest("team/c", "t").unwrap().as_ref(), Some(d), "write {i}");
         }
         assert!(s.delete_tag("team/c", "t", false).await.unwrap());

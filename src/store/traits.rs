@@ -75,6 +75,15 @@ pub enum BlobBody {
     Redirect { url: String, len: u64 },
 }
 
+impl BlobBody {
+    /// The blob's size (not what is left to send).
+    pub fn size(&self) -> u64 {
+        match self {
+            BlobBody::File { len, .. } | BlobBody::Stream { len, .. } | BlobBody::Redirect { len, .. } => *len,
+        }
+    }
+}
+
 /// Which accounting group a repository belongs to: the hosted namespace it is in, or the
 /// mirror cache. Usage and quota are counted per group.
 #[derive(Debug, Clone, Default)]

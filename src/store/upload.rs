@@ -6,12 +6,12 @@
 
 use super::error::{Result, StoreError};
 use super::traits::{BlobStore, MetaStore, UploadRec};
-use super::{blocking, now_ms, Limits, Store};
+use super::{blocking, hash_into, now_ms, Limits, Store};
 use crate::oci::{Algorithm, Digest, Hasher};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::Arc;
 
 pub struct Session {
@@ -195,24 +195,14 @@ impl Uploads {
     /// Checks that the locked session is still open and belongs to `repo`, and hashes the data
     /// of a session resumed after a restart (on a blocking thread).
     pub async fn ready(&self, s: &mut Session, repo: &str) -> Result<()> {
-        if s.gone || s.repo != repo {
-            return Err(unknown(&s.id));
-        }
+        self.check(s, repo)?;
         if s.hasher.is_none() {
             let (b, id) = (self.blobs.clone(), s.id.clone());
             let (h, n) = blocking(move || {
                 let mut r = b.upload_reader(&id)?.ok_or_else(|| unknown(&id))?;
                 let mut h = Hasher::new(Algorithm::Sha256);
-                let mut buf = vec![0u8; 1 << 20];
-                let mut n = 0u64;
-                loop {
-                    let k = r.read(&mut buf)?;
-                    if k == 0 {
-                        return Ok((h, n));
-                    }
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
+                let n = hash_into(&mut r, &mut h)?;
+                Ok((h, n))
             })
             .await?;
             s.hasher = Some(h);
@@ -318,14 +308,8 @@ impl Uploads {
             } else {
                 let mut r = st.blobs.upload_reader(&id)?.ok_or_else(|| unknown(&id))?;
                 let mut h = Hasher::new(d.algorithm());
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let k = r.read(&mut buf)?;
-                    if k == 0 {
-                        break h.finish();
-                    }
-                    h.update(&buf[..k]);
-                }
+                hash_into(&mut r, &mut h)?;
+                h.finish()
             };
             if actual != d {
                 return Err(StoreError::DigestMismatch { expected: d, actual });

@@ -45,7 +45,7 @@ const MREFS_OF: TableDefinition<&str, &str> = TableDefinition::new("mrefs_of");
 const TOTAL: &str = "@total";
 const HOSTED: &str = "@hosted";
 
-fn k2(a: &str, b: &str) -> String {
+pub(crate) fn k2(a: &str, b: &str) -> String {
     let mut s = String::with_capacity(a.len() + b.len() + 1);
     s.push_str(a);
     s.push('\0');
@@ -331,7 +331,6 @@ impl Batch<'_> {
     pub fn put_manifest(&self, repo: &str, d: &Digest, put: &ManifestPut<'_>) -> Result<()> {
         let ds = d.to_string();
         {
-            let links = self.tx.open_table(LINKS)?;
             let manifests = self.tx.open_table(MANIFESTS)?;
             let holders = self.tx.open_table(HOLDERS)?;
             for b in put.blobs {
@@ -345,7 +344,6 @@ impl Batch<'_> {
                     return Err(StoreError::NotInRepo { repo: repo.to_string(), what: "manifest", digest: c.clone() });
                 }
             }
-            drop(links);
         }
         // Refresh what the manifest references: a GC that marked from an older snapshot sees
         // fresh times and leaves them.
