@@ -17,13 +17,14 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/http1.rs"]
+mod http1;
 
 use berth::oci::Digest;
 use berth::store::local::meta::RedbMeta;
 use berth::store::{Classes, ManifestMeta, MetaStore};
+use http1::{Conn, Resp};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -311,107 +312,15 @@ fn du_mib(p: &Path) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-// ---- a sequential keep-alive HTTP/1.1 client ----
-
-struct Resp {
-    status: u16,
-    link: Option<String>,
-    body: Vec<u8>,
-}
-
-struct Conn {
-    s: TcpStream,
-    port: u16,
-    buf: Vec<u8>,
-    filled: usize,
-}
-
-impl Conn {
-    fn connect(port: u16) -> std::io::Result<Conn> {
-        let s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Conn { s, port, buf: vec![0; 1 << 16], filled: 0 })
-    }
-
-    fn fill(&mut self) -> std::io::Result<()> {
-        if self.filled == self.buf.len() {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
-        let n = self.s.read(&mut self.buf[self.filled..])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.filled += n;
-        Ok(())
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.buf.copy_within(n..self.filled, 0);
-        self.filled -= n;
-    }
-
-    fn get(&mut self, path: &str) -> std::io::Result<Resp> {
-        write!(self.s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUser-Agent: berth-bench\r\n\r\n", self.port)?;
-        let (status, len, chunked, link, head) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut r = httparse::Response::new(&mut headers);
-            match r.parse(&self.buf[..self.filled]).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))? {
-                httparse::Status::Complete(n) => {
-                    let h = |k: &str| {
-                        r.headers.iter().find(|h| h.name.eq_ignore_ascii_case(k)).map(|h| String::from_utf8_lossy(h.value).to_string())
-                    };
-                    let len = h("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-                    let chunked = h("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
-                    break (r.code.unwrap_or(0), len, chunked, h("link"), n);
-                }
-                httparse::Status::Partial => self.fill()?,
-            }
-        };
-        self.consume(head);
-        let mut body = Vec::new();
-        if chunked {
-            loop {
-                let line_end = loop {
-                    if let Some(i) = self.buf[..self.filled].windows(2).position(|w| w == b"\r\n") {
-                        break i;
-                    }
-                    self.fill()?;
-                };
-                let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
-                let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| std::io::Error::other(format!("bad chunk size {size_text:?}")))?;
-                self.consume(line_end + 2);
-                while self.filled < size + 2 {
-                    self.fill()?;
-                }
-                body.extend_from_slice(&self.buf[..size]);
-                self.consume(size + 2);
-                if size == 0 {
-                    break;
-                }
-            }
-        } else {
-            let len = len.unwrap_or(0);
-            while self.filled < len {
-                self.fill()?;
-            }
-            body.extend_from_slice(&self.buf[..len]);
-            self.consume(len);
-        }
-        Ok(Resp { status, link, body })
-    }
-}
-
 /// One GET on a fresh connection; None when nothing answers.
 fn get_once(port: u16, path: &str) -> Option<Resp> {
-    Conn::connect(port).ok()?.get(path).ok()
+    Conn::connect(port, Duration::from_secs(60)).ok()?.get(path).ok()
 }
 
 /// Latencies (ms) of sequential GETs of `paths` on one keep-alive connection; every answer
 /// must be a 200.
 fn latencies(port: u16, paths: &[String]) -> Vec<f64> {
-    let mut c = Conn::connect(port).expect("connect");
+    let mut c = Conn::connect(port, Duration::from_secs(60)).expect("connect");
     let mut out = Vec::with_capacity(paths.len());
     for p in paths {
         let t0 = Instant::now();
@@ -425,7 +334,7 @@ fn latencies(port: u16, paths: &[String]) -> Vec<f64> {
 /// Latency (ms) of one GET on a connection of its own, connect included.
 fn fresh_latency(port: u16, path: &str) -> f64 {
     let t0 = Instant::now();
-    let r = Conn::connect(port).and_then(|mut c| c.get(path)).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let r = Conn::connect(port, Duration::from_secs(60)).and_then(|mut c| c.get(path)).unwrap_or_else(|e| panic!("GET {path}: {e}"));
     assert_eq!(r.status, 200, "GET {path}");
     t0.elapsed().as_secs_f64() * 1000.0
 }
@@ -600,7 +509,7 @@ fn paths(shape: Shape, requests: usize, seed: u64) -> Paths {
 /// Checks that the server lists what was generated before anything is timed. distribution 2.8
 /// lists a repository's tags in directory order, not sorted.
 fn check_listing(port: u16, shape: Shape, sorted_tags: bool) {
-    let mut c = Conn::connect(port).unwrap();
+    let mut c = Conn::connect(port, Duration::from_secs(60)).unwrap();
     let r = c.get("/v2/team/r00000/tags/list?n=100").unwrap();
     assert_eq!(r.status, 200);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -615,13 +524,13 @@ fn check_listing(port: u16, shape: Shape, sorted_tags: bool) {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["repositories"][0], "team/r00000");
     assert_eq!(v["repositories"].as_array().unwrap().len(), shape.repos.min(100));
-    assert_eq!(r.link.is_some(), shape.repos > 100, "catalog Link header");
+    assert_eq!(r.header("link").is_some(), shape.repos > 100, "catalog Link header");
 }
 
 /// Walks the whole catalog in pages of 100 following the Link headers; returns the names
 /// seen and the time taken.
 fn walk_catalog(port: u16) -> (usize, f64) {
-    let mut c = Conn::connect(port).unwrap();
+    let mut c = Conn::connect(port, Duration::from_secs(60)).unwrap();
     let mut path = "/v2/_catalog?n=100".to_string();
     let mut n = 0;
     let t0 = Instant::now();
@@ -630,7 +539,7 @@ fn walk_catalog(port: u16) -> (usize, f64) {
         assert_eq!(r.status, 200);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         n += v["repositories"].as_array().unwrap().len();
-        match r.link {
+        match r.header("link") {
             Some(l) => path = l.trim_start_matches('<').split('>').next().unwrap().to_string(),
             None => return (n, t0.elapsed().as_secs_f64()),
         }
