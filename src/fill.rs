@@ -91,7 +91,7 @@ impl Fills {
         if let Some(f) = self.join(repo, digest) {
             return Ok((f, false));
         }
-        let writer = store.writer(digest.algorithm()).await?;
+        let writer = store.writer(digest).await?;
         let file = Arc::new(writer.follower()?);
         let (tx, rx) = watch::channel(Progress::default());
         let fill = Arc::new(Fill { file, progress: rx, open: open.clone(), repos: Mutex::new(vec![repo.to_string()]) });

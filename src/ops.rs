@@ -2,7 +2,6 @@
 
 use crate::config::Config;
 use crate::registry::Registry;
-use crate::store::Store;
 
 /// Is a berth serving this config right now? Its admin listener answers.
 fn running_admin(config: &Config) -> Option<std::net::SocketAddr> {
@@ -33,8 +32,7 @@ pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
             Ok(body)
         });
     }
-    let store =
-        Store::open(&config.storage_root).map_err(|e| format!("cannot open the store at {}: {e}", config.storage_root.display()))?;
+    let store = config.open_store()?;
     let registry = Registry::new(std::sync::Arc::new(config), store)?;
     let report = runtime().block_on(registry.gc(dry_run)).map_err(|e| format!("gc failed: {e}"))?;
     Ok(serde_json::to_string_pretty(&report).expect("report serializes"))
@@ -47,8 +45,7 @@ pub fn fsck(config: Config, repair: bool) -> Result<(bool, String), String> {
         let what = if repair { "fsck --repair" } else { "fsck" };
         return Err(format!("berth is running (admin listener {addr} answers); stop it before {what}"));
     }
-    let store =
-        Store::open(&config.storage_root).map_err(|e| format!("cannot open the store at {}: {e}", config.storage_root.display()))?;
+    let store = config.open_store()?;
     store
         .set_classes(crate::store::Classes {
             cache_roots: config.upstreams.iter().map(|u| u.name.clone()).collect(),

@@ -10,7 +10,6 @@ use crate::config::Config;
 use crate::http::admin::{Admin, Health};
 use crate::http::{InFlight, RegistryApp};
 use crate::registry::Registry;
-use crate::store::Store;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -23,8 +22,8 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the store at {path}: {source}")]
-    Store { path: String, source: crate::store::StoreError },
+    #[error("{0}")]
+    Store(String),
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the server: {0}")]
@@ -151,8 +150,10 @@ pub struct Built {
 
 pub fn build(config: Config) -> Result<Built, StartError> {
     let config = Arc::new(config);
-    let store = Store::open_with_limits(&config.storage_root, config.store_limits())
-        .map_err(|source| StartError::Store { path: config.storage_root.display().to_string(), source })?;
+    let store = config.open_store().map_err(StartError::Store)?;
+    if let Some(b) = store.bucket() {
+        crate::store::s3::watch(b, Duration::from_secs(2));
+    }
     crate::metrics::init(&config.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>());
     let registry = Registry::new(config.clone(), store.clone()).map_err(StartError::Auth)?;
     let conf = ServerConf {

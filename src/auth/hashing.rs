@@ -259,7 +259,8 @@ mod tests {
         let high = bcrypt::hash("pw", 8).unwrap();
         assert!(verify_evenly("pw", Some(&low), 8) && verify_evenly("pw", Some(&high), 8));
         assert!(!verify_evenly("nope", Some(&low), 8) && !verify_evenly("pw", None, 8));
-        let median = |f: &dyn Fn()| {
+        // The fastest of several runs: other work on a shared machine only ever adds time.
+        let fastest = |f: &dyn Fn()| {
             let mut t: Vec<Duration> = (0..9)
                 .map(|_| {
                     let t0 = Instant::now();
@@ -268,10 +269,10 @@ mod tests {
                 })
                 .collect();
             t.sort();
-            t[4]
+            t[0]
         };
-        let unknown = median(&|| assert!(!verify_evenly("x", None, 8)));
-        let cheap = median(&|| assert!(!verify_evenly("x", Some(&low), 8)));
+        let unknown = fastest(&|| assert!(!verify_evenly("x", None, 8)));
+        let cheap = fastest(&|| assert!(!verify_evenly("x", Some(&low), 8)));
         // Cost 4 against 8 is a 16-fold difference without the padding.
         let ratio = cheap.as_secs_f64() / unknown.as_secs_f64();
         assert!((0.7..1.4).contains(&ratio), "{cheap:?} against {unknown:?}");

@@ -92,6 +92,25 @@ struct StorageFile {
     gc_grace: Duration,
     upload_sessions_per_client: usize,
     upload_sessions_per_repository: usize,
+    hot_tier_bytes: Option<bytesize::ByteSize>,
+    s3: Option<S3File>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3File {
+    bucket: String,
+    endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    region: String,
+    #[serde(default)]
+    prefix: String,
+    access_key_id: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
 }
 
 impl Default for StorageFile {
@@ -104,6 +123,8 @@ impl Default for StorageFile {
             gc_grace: Duration::from_secs(3600),
             upload_sessions_per_client: 128,
             upload_sessions_per_repository: 512,
+            hot_tier_bytes: None,
+            s3: None,
         }
     }
 }
@@ -227,6 +248,11 @@ pub struct Config {
     pub clients: ClientLimits,
     pub storage_root: PathBuf,
     pub storage: StorageLimits,
+    /// `[storage.s3]`: the bucket is the truth and `storage_root` holds the hot tier and the
+    /// local metadata index.
+    pub s3: Option<crate::store::s3::S3Settings>,
+    /// Bound on the hot tier's local copies of bucket objects.
+    pub hot_tier_bytes: u64,
     pub log_format: LogFormat,
     pub log_level: String,
     pub namespaces: Vec<Namespace>,
@@ -503,7 +529,45 @@ impl Config {
             (Some(a), Some(users)) => Some(auth_config(a, users, policy)?),
             _ => None,
         };
+        let s3 = match f.storage.s3 {
+            None => None,
+            Some(s) => {
+                if s.bucket.is_empty() {
+                    return Err(invalid("storage.s3.bucket", "must name a bucket"));
+                }
+                if let Some(ep) = &s.endpoint {
+                    let u = url::Url::parse(ep).map_err(|e| invalid("storage.s3.endpoint", format!("{ep:?}: {e}")))?;
+                    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                        return Err(invalid("storage.s3.endpoint", format!("{ep:?}: needs http:// or https:// and a host")));
+                    }
+                }
+                let secret = match (&s.access_key_id, &s.secret_access_key_file) {
+                    (Some(_), Some(file)) => Some(
+                        std::fs::read_to_string(file)
+                            .map_err(|e| invalid("storage.s3.secret_access_key_file", format!("{}: {e}", file.display())))?
+                            .trim_end_matches(['\r', '\n'])
+                            .to_string(),
+                    ),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(invalid("storage.s3.access_key_id", "needs secret_access_key_file")),
+                    (None, Some(_)) => return Err(invalid("storage.s3.secret_access_key_file", "needs access_key_id")),
+                };
+                Some(crate::store::s3::S3Settings {
+                    bucket: s.bucket,
+                    endpoint: s.endpoint,
+                    region: s.region,
+                    prefix: s.prefix,
+                    access_key_id: s.access_key_id,
+                    secret_access_key: secret,
+                })
+            }
+        };
+        if s3.is_none() && f.storage.hot_tier_bytes.is_some() {
+            return Err(invalid("storage.hot_tier_bytes", "applies to [storage.s3] only (the local disk is the store otherwise)"));
+        }
         Ok(Config {
+            s3,
+            hot_tier_bytes: f.storage.hot_tier_bytes.map_or(20 << 30, |b| b.as_u64()),
             listen,
             admin_listen,
             tls,
@@ -533,12 +597,28 @@ impl Config {
         self.auth.is_none() && exposed
     }
 
+    /// Opens the configured store: local disk, or the bucket with the disk as its hot tier.
+    pub fn open_store(&self) -> Result<std::sync::Arc<crate::store::Store>, String> {
+        let limits = self.store_limits();
+        match &self.s3 {
+            None => crate::store::Store::open_with_limits(&self.storage_root, limits)
+                .map_err(|e| format!("cannot open the store at {}: {e}", self.storage_root.display())),
+            Some(s3) => crate::store::Store::open_s3(&self.storage_root, s3, self.hot_tier_bytes, limits)
+                .map_err(|e| format!("cannot open the store on {}: {e}", s3.describe())),
+        }
+    }
+
     /// Checks what only the machine can tell: the storage root can be created and written.
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let root = &self.storage_root;
         std::fs::create_dir_all(root)
             .and_then(|_| tempfile_in(root))
-            .map_err(|e| invalid("storage.root", format!("{} is not writable: {e}", root.display())))
+            .map_err(|e| invalid("storage.root", format!("{} is not writable: {e}", root.display())))?;
+        if let Some(s3) = &self.s3 {
+            let b = crate::store::s3::Bucket::new(s3, Duration::from_secs(5)).map_err(|e| invalid("storage.s3", e.to_string()))?;
+            b.probe(&crate::store::s3::node_name()).map_err(|e| invalid("storage.s3", e))?;
+        }
+        Ok(())
     }
 }
 

@@ -118,6 +118,7 @@ impl Admin {
                 (200, "text/plain; version=0.0.4", metrics::render())
             }
             "/healthz" => (200, "text/plain", "ok\n".to_string()),
+            "/readyz" if self.health.is_ready() && !self.store.storage_ready() => (503, "text/plain", "storage unavailable\n".to_string()),
             "/readyz" if self.health.is_ready() => (200, "text/plain", "ready\n".to_string()),
             "/readyz" if self.health.draining.load(Ordering::SeqCst) => (503, "text/plain", "draining\n".to_string()),
             "/readyz" => (503, "text/plain", "starting\n".to_string()),

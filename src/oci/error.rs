@@ -44,6 +44,7 @@ error_codes! {
     UpstreamUnavailable => ("UNAVAILABLE", 502, "upstream registry unavailable"),
     UpstreamTimeout => ("UNAVAILABLE", 504, "upstream registry timed out"),
     InsufficientStorage => ("UNAVAILABLE", 507, "insufficient storage"),
+    StorageUnavailable => ("UNAVAILABLE", 503, "storage unavailable"),
     Internal => ("UNKNOWN", 500, "internal server error"),
 }
 

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod manifest;
 pub mod route;
+pub mod sha256_raw;
 
 pub use error::{ErrorCode, OciError};
 
@@ -182,6 +183,8 @@ impl fmt::Display for Digest {
 pub enum Hasher {
     Sha256(sha2::Sha256),
     Sha512(sha2::Sha512),
+    /// SHA-256 resumed from a saved state.
+    Sha256Raw(sha256_raw::Sha256Raw),
 }
 
 impl Hasher {
@@ -195,12 +198,14 @@ impl Hasher {
         match self {
             Hasher::Sha256(h) => h.update(data),
             Hasher::Sha512(h) => h.update(data),
+            Hasher::Sha256Raw(h) => h.update(data),
         }
     }
     pub fn finish(self) -> Digest {
         match self {
             Hasher::Sha256(h) => Digest { algo: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
             Hasher::Sha512(h) => Digest { algo: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
+            Hasher::Sha256Raw(h) => Digest { algo: Algorithm::Sha256, hex: hex::encode(h.finish()) },
         }
     }
 }

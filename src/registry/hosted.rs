@@ -213,7 +213,7 @@ async fn start_upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, body: 
         // A blob the namespace already holds costs nothing; anything else may not pass the
         // quota, checked as the bytes arrive.
         let room = if store.blob_linked(repo.as_str(), &d)? { None } else { reg.quota_room(repo.as_str())? };
-        let mut w = store.writer(d.algorithm()).await?;
+        let mut w = store.writer(&d).await?;
         let mut batch = Batch::default();
         while let Some(c) = batch.next(body).await? {
             if let Some((room, e)) = &room {

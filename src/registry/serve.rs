@@ -56,26 +56,26 @@ pub fn range_error(e: OciError, len: u64) -> Response {
 
 /// A committed blob, whole or ranged.
 pub fn blob(store: &Store, d: &Digest, range: Option<&str>) -> Result<Option<Response>, OciError> {
-    let Some(body) = store.open_blob(d)? else { return Ok(None) };
-    let len = body.size();
+    let Some(len) = store.blob_size(d)? else { return Ok(None) };
+    let range = match parse_range(range, len) {
+        Err(e) => return Ok(Some(range_error(e, len))),
+        Ok(r) => r,
+    };
+    let Some(body) = store.open_blob(d, range)? else { return Ok(None) };
     let base = Response::new(200)
         .header("Docker-Content-Digest", d.to_string())
         .header("Content-Type", "application/octet-stream")
         .header("Accept-Ranges", "bytes")
         .header("ETag", format!("\"{d}\""));
-    let (status, offset, n) = match parse_range(range, len) {
-        Err(e) => return Ok(Some(range_error(e, len))),
-        Ok(None) => (200, 0, len),
-        Ok(Some((s, e))) => (206, s, e - s + 1),
+    let (status, offset, n) = match range {
+        None => (200, 0, len),
+        Some((s, e)) => (206, s, e - s + 1),
     };
     let mut r = if status == 206 { base.header("Content-Range", format!("bytes {offset}-{}/{len}", offset + n - 1)) } else { base };
     r.status = status;
     Ok(Some(match body {
         BlobBody::File { file, .. } => r.body(Body::File { file, offset, len: n }),
-        BlobBody::Stream { stream, .. } if status == 200 => r.body(Body::Stream { stream, len: Some(len) }),
-        BlobBody::Stream { .. } => {
-            return Err(OciError::msg(ErrorCode::Internal, "ranged reads of streamed blobs are not supported by this backend"))
-        }
+        BlobBody::Stream { stream, .. } => r.body(Body::Stream { stream, len: Some(n) }),
         BlobBody::Redirect { url, .. } => {
             let mut r = Response::new(307).header("Location", url).header("Docker-Content-Digest", d.to_string());
             r.content_length = Some(0);

@@ -14,6 +14,9 @@ pub enum StoreError {
     /// The metadata database failed (corruption, I/O under it).
     #[error("metadata store: {0}")]
     Meta(String),
+    /// The storage service (an object store) did not answer or failed; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("content digest {actual} does not match {expected}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("tag {repo}:{tag} is immutable and already points at {current}")]

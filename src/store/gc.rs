@@ -310,7 +310,7 @@ mod tests {
         for l in &layers {
             // Orphans: stored long ago (at the epoch), linked nowhere.
             let d = Digest::sha256_of(l);
-            let mut t = s.blobs().create().unwrap();
+            let mut t = s.blobs().create(&d).unwrap();
             t.write(l).unwrap();
             t.publish(&d).unwrap();
             s.meta().record_blob(&d, l.len() as u64, 1, None).unwrap();

@@ -10,13 +10,14 @@ pub mod fsck;
 pub mod gc;
 pub mod local;
 pub mod policy;
+pub mod s3;
 pub mod traits;
 pub mod upload;
 
 pub use error::StoreError;
 pub use traits::{BlobBody, BlobStore, Classes, ManifestMeta, MetaStore, TagExpect, Usage};
 
-use crate::oci::{Algorithm, Digest, Hasher};
+use crate::oci::{Digest, Hasher};
 use bytes::Bytes;
 use error::Result;
 use parking_lot::{Mutex, RwLock};
@@ -30,7 +31,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Feeds everything `r` yields into `h`; returns how many bytes. Blocking.
-fn hash_into(r: &mut dyn std::io::Read, h: &mut Hasher) -> Result<u64> {
+pub(crate) fn hash_into(r: &mut dyn std::io::Read, h: &mut Hasher) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -79,6 +80,8 @@ pub struct Store {
     /// One collection at a time.
     gc_running: tokio::sync::Mutex<()>,
     reads: ReadCache,
+    /// The bucket, with the S3 backend (readiness, metrics).
+    bucket: Option<Arc<s3::Bucket>>,
 }
 
 /// Tags and manifest records as the metadata store last said, for the hot read path (a
@@ -208,7 +211,35 @@ impl Store {
         Self::with_backends(Arc::new(blobs), Arc::new(meta), limits)
     }
 
+    /// Opens the S3 backend: the bucket is the truth; `root` holds the hot tier (bounded by
+    /// `hot_bytes`) and the local metadata index, both rebuilt from the bucket if lost. The
+    /// bucket must answer at start (the index catches up from its journal).
+    pub fn open_s3(root: &Path, settings: &s3::S3Settings, hot_bytes: u64, limits: Limits) -> Result<Arc<Store>> {
+        std::fs::create_dir_all(root)?;
+        let bucket = s3::Bucket::new(settings, std::time::Duration::from_secs(20))?;
+        let node = s3::node_name();
+        bucket.probe(&node).map_err(StoreError::Unavailable)?;
+        let hot = s3::blobs::HotTier::open(root, hot_bytes)?;
+        let meta = s3::journal::JournalMeta::open(&root.join("index.redb"), limits.meta_cache_bytes, bucket.clone(), &node)?;
+        let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot);
+        Self::build(Arc::new(blobs), meta, limits, Some(bucket))
+    }
+
+    /// The bucket behind the store, if it is on S3.
+    pub fn bucket(&self) -> Option<&Arc<s3::Bucket>> {
+        self.bucket.as_ref()
+    }
+
+    /// Whether the storage answers (always, for local disk).
+    pub fn storage_ready(&self) -> bool {
+        self.bucket.as_ref().is_none_or(|b| b.healthy())
+    }
+
     pub fn with_backends(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Result<Arc<Store>> {
+        Self::build(blobs, meta, limits, None)
+    }
+
+    fn build(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits, bucket: Option<Arc<s3::Bucket>>) -> Result<Arc<Store>> {
         let uploads = upload::Uploads::new(blobs.clone(), meta.clone(), &limits)?;
         Ok(Arc::new(Store {
             blobs,
@@ -223,6 +254,7 @@ impl Store {
             blob_locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             gc_running: tokio::sync::Mutex::new(()),
             reads: ReadCache::new(),
+            bucket,
         }))
     }
 
@@ -268,17 +300,17 @@ impl Store {
         Ok(self.meta.blob(d)?.map(|b| b.size))
     }
 
-    pub fn open_blob(&self, d: &Digest) -> Result<Option<BlobBody>> {
-        if self.meta.blob(d)?.is_none() {
-            return Ok(None);
-        }
-        self.blobs.open(d)
+    /// A committed blob, whole or the `(first, last)` bytes of it (see [`BlobStore::open`]).
+    pub fn open_blob(&self, d: &Digest, range: Option<(u64, u64)>) -> Result<Option<BlobBody>> {
+        let Some(rec) = self.meta.blob(d)? else { return Ok(None) };
+        self.blobs.open(d, rec.size, range)
     }
 
-    pub async fn writer(&self, algo: Algorithm) -> Result<BlobWriter> {
-        let blobs = self.blobs.clone();
-        let temp = blocking(move || blobs.create()).await?;
-        Ok(BlobWriter { temp: Some(temp), hasher: Some(Hasher::new(algo)), written: 0 })
+    /// A writer for content expected to hash to `expected` ([`Store::commit`] verifies it).
+    pub async fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
+        let (blobs, d) = (self.blobs.clone(), expected.clone());
+        let temp = blocking(move || blobs.create(&d)).await?;
+        Ok(BlobWriter { temp: Some(temp), hasher: Some(Hasher::new(expected.algorithm())), written: 0 })
     }
 
     /// Verifies a written blob against `expected` and publishes it; with `link`, links it into
@@ -329,7 +361,7 @@ impl Store {
                 return Ok(());
             }
         }
-        let mut w = self.writer(d.algorithm()).await?;
+        let mut w = self.writer(d).await?;
         w.write(data).await?;
         self.commit(w, d, None).await?;
         Ok(())
@@ -566,14 +598,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let d = Digest::sha256_of(b"hello");
-        let mut w1 = s.writer(Algorithm::Sha256).await.unwrap();
-        let mut w2 = s.writer(Algorithm::Sha256).await.unwrap();
+        let mut w1 = s.writer(&d).await.unwrap();
+        let mut w2 = s.writer(&d).await.unwrap();
         w1.write(Bytes::from_static(b"hello")).await.unwrap();
         w2.write(Bytes::from_static(b"hello")).await.unwrap();
         assert_eq!(s.commit(w1, &d, None).await.unwrap(), 5);
         assert_eq!(s.commit(w2, &d, None).await.unwrap(), 5);
         assert_eq!(s.blob_size(&d).unwrap(), Some(5));
-        let mut w3 = s.writer(Algorithm::Sha256).await.unwrap();
+        let mut w3 = s.writer(&d).await.unwrap();
         w3.write(Bytes::from_static(b"wrong")).await.unwrap();
         let bad = Digest::sha256_of(b"other");
         assert!(matches!(s.commit(w3, &bad, None).await.unwrap_err(), StoreError::DigestMismatch { .. }));

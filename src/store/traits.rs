@@ -4,11 +4,11 @@
 //! threads, never from the async workers, except the point reads marked as cheap.
 
 use super::error::Result;
-use crate::oci::Digest;
+use crate::oci::{Digest, Hasher};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 
 /// What berth records about a manifest beside its bytes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -152,15 +152,26 @@ pub trait BlobTemp: Send {
     fn publish(self: Box<Self>, d: &Digest) -> Result<()>;
 }
 
+/// One request's appends to an upload session.
+pub trait UploadWriter: Send {
+    fn write(&mut self, data: &[u8]) -> Result<()>;
+    /// Makes what was written part of the session (durable where the backend says so).
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
 /// Content-addressed bytes.
 pub trait BlobStore: Send + Sync {
     /// Size of a committed blob. Cheap.
     fn stat(&self, d: &Digest) -> Result<Option<u64>>;
-    fn open(&self, d: &Digest) -> Result<Option<BlobBody>>;
+    /// A committed blob of `size` bytes, or the `(first, last)` bytes of it. A `File` body is
+    /// the whole file (the caller seeks); a `Stream` carries only the range asked for.
+    fn open(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> Result<Option<BlobBody>>;
     /// A whole (small) blob: manifests.
     fn read(&self, d: &Digest) -> Result<Option<Bytes>>;
     fn reader(&self, d: &Digest) -> Result<Option<Box<dyn Read + Send>>>;
-    fn create(&self) -> Result<Box<dyn BlobTemp>>;
+    /// A writer for content expected to hash to `expected` (a backend may stream it towards
+    /// that name; nothing becomes visible before [`BlobTemp::publish`]).
+    fn create(&self, expected: &Digest) -> Result<Box<dyn BlobTemp>>;
     fn delete(&self, d: &Digest) -> Result<()>;
     /// Every committed blob with its size; a name that is not a digest comes as `Err(name)`.
     fn walk(&self, visit: &mut dyn FnMut(std::result::Result<Digest, String>, u64)) -> Result<()>;
@@ -169,9 +180,17 @@ pub trait BlobStore: Send + Sync {
 
     // Upload session data: appended across requests, published as a blob at the end.
     fn upload_create(&self, id: &str) -> Result<()>;
-    fn upload_appender(&self, id: &str) -> Result<Box<dyn Write + Send>>;
+    fn upload_appender(&self, id: &str) -> Result<Box<dyn UploadWriter>>;
     fn upload_reader(&self, id: &str) -> Result<Option<Box<dyn Read + Send>>>;
     fn upload_len(&self, id: &str) -> Result<Option<u64>>;
+    /// The SHA-256 state of a session's data and its length, for a session this process has
+    /// not seen (after a restart). By default the data is read back and hashed whole.
+    fn upload_hasher(&self, id: &str) -> Result<Option<(Hasher, u64)>> {
+        let Some(mut r) = self.upload_reader(id)? else { return Ok(None) };
+        let mut h = Hasher::new(crate::oci::Algorithm::Sha256);
+        let n = super::hash_into(&mut r, &mut h)?;
+        Ok(Some((h, n)))
+    }
     /// Makes a verified session's data durable as blob `d`.
     fn upload_publish(&self, id: &str, d: &Digest) -> Result<()>;
     fn upload_remove(&self, id: &str) -> Result<()>;

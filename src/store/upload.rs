@@ -5,13 +5,12 @@
 //! address and per repository.
 
 use super::error::{Result, StoreError};
-use super::traits::{BlobStore, MetaStore, UploadRec};
+use super::traits::{BlobStore, MetaStore, UploadRec, UploadWriter};
 use super::{blocking, hash_into, now_ms, Limits, Store};
 use crate::oci::{Algorithm, Digest, Hasher};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 
 pub struct Session {
@@ -42,7 +41,7 @@ pub type SessionHandle = Arc<tokio::sync::Mutex<Session>>;
 /// One request's appends to a session.
 #[derive(Default)]
 pub struct Appender {
-    file: Option<Box<dyn Write + Send>>,
+    file: Option<Box<dyn UploadWriter>>,
     received: u64,
 }
 
@@ -198,13 +197,7 @@ impl Uploads {
         self.check(s, repo)?;
         if s.hasher.is_none() {
             let (b, id) = (self.blobs.clone(), s.id.clone());
-            let (h, n) = blocking(move || {
-                let mut r = b.upload_reader(&id)?.ok_or_else(|| unknown(&id))?;
-                let mut h = Hasher::new(Algorithm::Sha256);
-                let n = hash_into(&mut r, &mut h)?;
-                Ok((h, n))
-            })
-            .await?;
+            let (h, n) = blocking(move || b.upload_hasher(&id)?.ok_or_else(|| unknown(&id))).await?;
             s.hasher = Some(h);
             s.offset = n;
         }
@@ -225,7 +218,7 @@ impl Uploads {
         let n = chunk.len() as u64;
         let res = blocking(move || {
             let mut f = f;
-            f.write_all(&chunk)?;
+            f.write(&chunk)?;
             h.update(&chunk);
             Ok((f, h))
         })
@@ -249,7 +242,14 @@ impl Uploads {
 
     /// Ends a request's appends: closes the file and records the session's activity.
     pub async fn finish(&self, s: &mut Session, a: Appender) -> Result<u64> {
-        drop(a.file);
+        if let Some(f) = a.file {
+            if let Err(e) = blocking(move || f.finish()).await {
+                // What this request sent may or may not be part of the session now: the next
+                // request starts from what the backend holds.
+                s.hasher = None;
+                return Err(e);
+            }
+        }
         if a.received > 0 {
             let rec = UploadRec { repo: s.repo.clone(), client: s.client.clone(), created_ms: s.created_ms, active_ms: now_ms() };
             let (m, id) = (self.meta.clone(), s.id.clone());

@@ -49,7 +49,115 @@ pub struct Berth {
     pub log_path: PathBuf,
 }
 
+/// The storage backend the suite runs against: `BERTH_TEST_BACKEND=s3` (with the
+/// `BERTH_TEST_S3_*` settings `scripts/rgw start` prints) puts every berth the tests start on
+/// the bucket, each under a prefix of its own.
+pub fn backend_is_s3() -> bool {
+    std::env::var("BERTH_TEST_BACKEND").is_ok_and(|v| v == "s3")
+}
+
+/// The `[storage.s3]` section for a berth whose files live in `dir` (empty for local disk).
+pub fn s3_section(dir: &Path) -> String {
+    if !backend_is_s3() {
+        return String::new();
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("BERTH_TEST_BACKEND=s3 needs {k} (scripts/rgw start prints it)"));
+    let secret = dir.join("s3-secret");
+    std::fs::write(&secret, var("BERTH_TEST_S3_SECRET_KEY")).unwrap();
+    let prefix = s3_prefix(dir);
+    format!(
+        "hot_tier_bytes = \"1GiB\"\n\n[storage.s3]\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\nprefix = \"{prefix}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+        var("BERTH_TEST_S3_BUCKET"),
+        var("BERTH_TEST_S3_ENDPOINT"),
+        var("BERTH_TEST_S3_REGION"),
+        var("BERTH_TEST_S3_ACCESS_KEY"),
+        secret.display()
+    )
+}
+
+fn s3_prefix(dir: &Path) -> String {
+    format!("t/{}/", dir.file_name().unwrap().to_string_lossy().trim_start_matches('.'))
+}
+
+/// A client on the bucket a berth started in `dir` uses (S3 backend only).
+pub fn s3_bucket(dir: &Path) -> Option<std::sync::Arc<berth::store::s3::Bucket>> {
+    if !backend_is_s3() {
+        return None;
+    }
+    let var = |k: &str| std::env::var(k).unwrap();
+    let s = berth::store::s3::S3Settings {
+        bucket: var("BERTH_TEST_S3_BUCKET"),
+        endpoint: Some(var("BERTH_TEST_S3_ENDPOINT")),
+        region: var("BERTH_TEST_S3_REGION"),
+        prefix: s3_prefix(dir),
+        access_key_id: Some(var("BERTH_TEST_S3_ACCESS_KEY")),
+        secret_access_key: Some(var("BERTH_TEST_S3_SECRET_KEY")),
+    };
+    Some(berth::store::s3::Bucket::new(&s, Duration::from_secs(10)).unwrap())
+}
+
+fn local_files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 impl Berth {
+    /// Blobs in the store's content-addressed space, as `<algo>/<2 hex>/<hex>`, whichever the
+    /// backend.
+    pub fn stored_blobs(&self) -> std::collections::BTreeSet<String> {
+        match s3_bucket(self.dir.path()) {
+            None => local_files(&self.data_dir().join("blobs")).into_iter().collect(),
+            Some(b) => {
+                let mut out = std::collections::BTreeSet::new();
+                b.list("blobs/", None, &mut |k, _| {
+                    out.insert(k.trim_start_matches("blobs/").to_string());
+                    true
+                })
+                .unwrap();
+                out
+            }
+        }
+    }
+
+    /// Ids of upload sessions whose data the storage holds.
+    pub fn stored_uploads(&self) -> std::collections::BTreeSet<String> {
+        let id = |k: &str| k.split('/').next().unwrap().to_string();
+        match s3_bucket(self.dir.path()) {
+            None => local_files(&self.data_dir().join("uploads")).iter().map(|k| id(k)).collect(),
+            Some(b) => {
+                let mut out = std::collections::BTreeSet::new();
+                b.list("uploads/", None, &mut |k, _| {
+                    out.insert(id(k.trim_start_matches("uploads/")));
+                    true
+                })
+                .unwrap();
+                out
+            }
+        }
+    }
+
+    /// A stored blob's bytes.
+    pub fn stored_blob(&self, digest: &str) -> Option<Vec<u8>> {
+        let (algo, hex) = digest.split_once(':').unwrap();
+        let rel = format!("{algo}/{}/{hex}", &hex[..2]);
+        match s3_bucket(self.dir.path()) {
+            None => std::fs::read(self.data_dir().join("blobs").join(rel)).ok(),
+            Some(b) => b.get(&format!("blobs/{rel}")).unwrap().map(|b| b.to_vec()),
+        }
+    }
+
     /// Starts berth with `[server]` listeners on fresh ports, `[storage] root` in a temp dir,
     /// and `extra` appended (namespaces, upstreams, ...).
     pub fn start(extra: &str) -> Berth {
@@ -86,8 +194,9 @@ impl Berth {
         let port = free_port();
         let admin_port = free_port();
         let grace = if server_extra.contains("grace_period") { "" } else { "grace_period = \"1s\"\n" };
+        let s3 = s3_section(dir);
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n{storage_extra}\n\n{extra}\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n{grace}{server_extra}\n\n[storage]\nroot = \"{}\"\n{storage_extra}\n{s3}\n{extra}\n",
             dir.join("data").display()
         );
         let config_path = dir.join("berth.toml");

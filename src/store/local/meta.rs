@@ -94,9 +94,14 @@ fn parse_digest(s: &str) -> Result<Digest> {
     Digest::parse(s).map_err(|e| StoreError::Meta(e.message))
 }
 
+/// Runs inside every durable write transaction, after its changes and before its commit; an
+/// error aborts the transaction. The S3 backend journals the write to the bucket here.
+pub type CommitHook = Box<dyn Fn(&WriteTransaction) -> Result<()> + Send + Sync>;
+
 pub struct RedbMeta {
     db: Database,
     classes: RwLock<Classes>,
+    hook: Option<CommitHook>,
 }
 
 impl RedbMeta {
@@ -120,7 +125,17 @@ impl RedbMeta {
             tx.open_table(MREFS_OF)?;
         }
         tx.commit()?;
-        Ok(RedbMeta { db, classes: RwLock::new(Classes::default()) })
+        Ok(RedbMeta { db, classes: RwLock::new(Classes::default()), hook: None })
+    }
+
+    pub fn set_commit_hook(&mut self, hook: CommitHook) {
+        self.hook = Some(hook);
+    }
+
+    /// Sets a `meta` entry inside a transaction (for a commit hook).
+    pub fn set_meta_in(tx: &WriteTransaction, key: &str, value: &str) -> Result<()> {
+        tx.open_table(META)?.insert(key, value)?;
+        Ok(())
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
@@ -141,6 +156,9 @@ impl RedbMeta {
         let tx = self.db.begin_write()?;
         let classes = self.classes.read().clone();
         let out = f(&mut Batch { tx: &tx, classes: &classes })?;
+        if let Some(h) = &self.hook {
+            h(&tx)?;
+        }
         tx.commit()?;
         Ok(out)
     }

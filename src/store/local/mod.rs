@@ -8,7 +8,7 @@ pub mod migrate;
 
 use crate::oci::Digest;
 use crate::store::error::{Result, StoreError};
-use crate::store::traits::{BlobBody, BlobStore, BlobTemp};
+use crate::store::traits::{BlobBody, BlobStore, BlobTemp, UploadWriter};
 use bytes::Bytes;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -99,12 +99,26 @@ impl Drop for LocalTemp {
     }
 }
 
+/// Local session data is synced when it is published, not per request: a crash loses only
+/// what the client was not yet told was stored, and the session's length is re-read.
+struct FileAppender(File);
+
+impl UploadWriter for FileAppender {
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        Ok(self.0.write_all(data)?)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
 impl BlobStore for LocalBlobs {
     fn stat(&self, d: &Digest) -> Result<Option<u64>> {
         not_found_is_none(fs::metadata(self.path(d)).map(|m| m.len()))
     }
 
-    fn open(&self, d: &Digest) -> Result<Option<BlobBody>> {
+    fn open(&self, d: &Digest, _size: u64, _range: Option<(u64, u64)>) -> Result<Option<BlobBody>> {
         let Some(file) = not_found_is_none(File::open(self.path(d)))? else { return Ok(None) };
         let len = file.metadata()?.len();
         Ok(Some(BlobBody::File { file, len }))
@@ -118,7 +132,7 @@ impl BlobStore for LocalBlobs {
         Ok(not_found_is_none(File::open(self.path(d)))?.map(|f| Box::new(io::BufReader::with_capacity(1 << 20, f)) as _))
     }
 
-    fn create(&self) -> Result<Box<dyn BlobTemp>> {
+    fn create(&self, _expected: &Digest) -> Result<Box<dyn BlobTemp>> {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
         let file = File::options().write(true).create_new(true).open(&path)?;
         Ok(Box::new(LocalTemp { file, path, blobs: self.root.clone(), published: false }))
@@ -167,9 +181,9 @@ impl BlobStore for LocalBlobs {
         Ok(())
     }
 
-    fn upload_appender(&self, id: &str) -> Result<Box<dyn Write + Send>> {
+    fn upload_appender(&self, id: &str) -> Result<Box<dyn UploadWriter>> {
         match File::options().append(true).open(self.upload_dir(id).join("data")) {
-            Ok(f) => Ok(Box::new(f)),
+            Ok(f) => Ok(Box::new(FileAppender(f))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::UploadUnknown(id.to_string())),
             Err(e) => Err(e.into()),
         }

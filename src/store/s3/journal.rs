@@ -1,0 +1,433 @@
+//! Metadata on S3: a journal of writes in the bucket, replayed into a local redb index.
+//!
+//! Every metadata write becomes an entry `journal/<seq>` created with `If-None-Match: *`
+//! inside the local transaction that applies it (redb's commit hook), so an entry is in the
+//! bucket before the write is acknowledged, and a node whose write loses the race for `<seq>`
+//! catches up and retries: the journal is one order of writes for every node. A node with
+//! an empty disk replays the journal and serves everything written before.
+//!
+//! Entries are the write with its preconditions already checked (compare-and-swap,
+//! immutability, quota): replaying one on the state it was written against has the same
+//! effect without depending on this node's configuration. Reads never touch the bucket.
+//! Access times (`touch_*`) stay local: they only order eviction and expiry on this node.
+
+use super::Bucket;
+use crate::oci::Digest;
+use crate::store::error::{Result, StoreError};
+use crate::store::local::meta::RedbMeta;
+use crate::store::traits::{BlobRec, Classes, ManifestMeta, ManifestPut, MetaStore, TagExpect, TagRec, UploadRec, Usage};
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    RecordBlob { d: String, size: u64, now: u64, link: Option<String> },
+    ForgetBlobs { ds: Vec<String> },
+    PurgeBlob { d: String },
+    Link { repo: String, d: String, now: u64 },
+    Unlink { repo: String, d: String },
+    UnlinkIfStale { repo: String, d: String, cutoff: u64 },
+    PutManifest { repo: String, d: String, meta: ManifestMeta, tags: Vec<String>, blobs: Vec<String>, children: Vec<String>, now: u64 },
+    DeleteManifest { repo: String, d: String },
+    SetTag { repo: String, tag: String, d: String, now: u64 },
+    DeleteTag { repo: String, tag: String },
+    PutUpload { id: String, rec: UploadRec },
+    RemoveUpload { id: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    /// Unique per write: a retried create that the bucket had already stored is recognised.
+    id: String,
+    node: String,
+    #[serde(flatten)]
+    op: Op,
+}
+
+enum Pending {
+    /// Journal this entry as `seq`, then commit.
+    Write { seq: u64, id: String, body: Bytes },
+    /// Replaying `seq`: record it as applied.
+    Replay { seq: u64 },
+}
+
+thread_local! {
+    // The commit hook runs on the thread that called the write, inside redb's transaction;
+    // the write in progress on this thread tells it what to journal.
+    static PENDING: RefCell<Option<Pending>> = const { RefCell::new(None) };
+    static BEHIND: RefCell<bool> = const { RefCell::new(false) };
+}
+
+const SEQ: &str = "journal.seq";
+const SOURCE: &str = "journal.source";
+
+fn seq_key(seq: u64) -> String {
+    format!("journal/{seq:020}")
+}
+
+fn digest(s: &str) -> Result<Digest> {
+    Digest::parse(s).map_err(|e| StoreError::Meta(format!("journal entry names a bad digest {s:?}: {e}")))
+}
+
+pub struct JournalMeta {
+    inner: Arc<RedbMeta>,
+    b: Arc<Bucket>,
+    node: String,
+    /// This node's journal writers, one at a time (they append at the same tail).
+    writer: Mutex<()>,
+}
+
+impl JournalMeta {
+    /// Opens the local index at `path` (rebuilt if it was built from another bucket) and
+    /// replays what the journal holds beyond it.
+    pub fn open(path: &Path, cache_bytes: usize, b: Arc<Bucket>, node: &str) -> Result<Arc<JournalMeta>> {
+        let source = b.describe().to_string();
+        let stale = match RedbMeta::open(path, cache_bytes) {
+            Ok(m) => m.get_meta(SOURCE)?.is_some_and(|s| s != source),
+            Err(_) => true,
+        };
+        if stale {
+            tracing::info!(index = %path.display(), "local metadata index belongs to other storage: rebuilding it from the journal");
+            let _ = std::fs::remove_file(path);
+        }
+        let mut inner = RedbMeta::open(path, cache_bytes)?;
+        inner.set_meta(SOURCE, &source)?;
+        let hb = b.clone();
+        inner.set_commit_hook(Box::new(move |tx| hook(&hb, tx)));
+        let j = Arc::new(JournalMeta { inner: Arc::new(inner), b, node: node.to_string(), writer: Mutex::new(()) });
+        let t = std::time::Instant::now();
+        let n = {
+            let _g = j.writer.lock();
+            j.catch_up()?
+        };
+        if n > 0 {
+            tracing::info!(entries = n, seconds = t.elapsed().as_secs_f64(), "metadata journal replayed");
+        }
+        Ok(j)
+    }
+
+    pub fn applied(&self) -> Result<u64> {
+        Ok(self.inner.get_meta(SEQ)?.and_then(|s| s.parse().ok()).unwrap_or(0))
+    }
+
+    /// Applies the journal's entries beyond what this index holds. Caller holds `writer`.
+    fn catch_up(&self) -> Result<usize> {
+        let mut applied = 0;
+        loop {
+            let from = self.applied()?;
+            let mut keys = Vec::new();
+            self.b.list("journal/", Some(&seq_key(from)), &mut |k, _| {
+                keys.push(k.to_string());
+                keys.len() < 1024
+            })?;
+            if keys.is_empty() {
+                return Ok(applied);
+            }
+            let bodies = self.fetch(&keys)?;
+            for (expect, (k, body)) in (from + 1..).zip(keys.iter().zip(bodies)) {
+                let seq: u64 =
+                    k.trim_start_matches("journal/").parse().map_err(|_| StoreError::Meta(format!("unexpected journal key {k}")))?;
+                if seq != expect {
+                    // A gap: the writer of `expect` has not finished; stop before it.
+                    return Ok(applied);
+                }
+                let Some(body) = body else { return Ok(applied) };
+                let entry: Entry = serde_json::from_slice(&body)?;
+                self.replay(seq, &entry.op)?;
+                applied += 1;
+            }
+        }
+    }
+
+    /// Fetches entries in parallel, in order.
+    fn fetch(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
+        let s3 = self.b.client();
+        let paths: Vec<_> = keys.iter().map(|k| self.b.key(k)).collect();
+        let r = self.b.run(async move {
+            use object_store::ObjectStoreExt;
+            futures::stream::iter(paths)
+                .map(|p| {
+                    let s3 = s3.clone();
+                    async move {
+                        match s3.get(&p).await {
+                            Ok(g) => g.bytes().await.map(Some),
+                            Err(object_store::Error::NotFound { .. }) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
+                .buffered(16)
+                .collect::<Vec<_>>()
+                .await
+        });
+        r.into_iter().map(|x| x.map_err(|e| self.b.unavailable("reading the metadata journal", e))).collect()
+    }
+
+    fn replay(&self, seq: u64, op: &Op) -> Result<()> {
+        PENDING.with(|p| *p.borrow_mut() = Some(Pending::Replay { seq }));
+        let r = self.apply(op);
+        PENDING.with(|p| p.borrow_mut().take());
+        if let Err(e) = r {
+            // The entry was valid when written; applying it here failed (a local fault or an
+            // index built differently). Record it as applied so the node is not stuck on it.
+            tracing::error!(seq, error = %e, "metadata journal entry could not be applied");
+            self.inner.set_meta(SEQ, &seq.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The effect of an entry on the index, without preconditions.
+    fn apply(&self, op: &Op) -> Result<()> {
+        let m = &*self.inner;
+        match op {
+            Op::RecordBlob { d, size, now, link } => m.record_blob(&digest(d)?, *size, *now, link.as_deref().map(|r| (r, None))),
+            Op::ForgetBlobs { ds } => {
+                let ds: Vec<Digest> = ds.iter().map(|d| digest(d)).collect::<Result<_>>()?;
+                m.forget_blobs_if_unused(&ds, u64::MAX).map(drop)
+            }
+            Op::PurgeBlob { d } => m.purge_blob(&digest(d)?).map(drop),
+            Op::Link { repo, d, now } => m.link(repo, &digest(d)?, *now, None),
+            Op::Unlink { repo, d } => m.unlink(repo, &digest(d)?).map(drop),
+            Op::UnlinkIfStale { repo, d, cutoff } => m.unlink_if_stale(repo, &digest(d)?, *cutoff).map(drop),
+            Op::PutManifest { repo, d, meta, tags, blobs, children, now } => {
+                let blobs: Vec<Digest> = blobs.iter().map(|d| digest(d)).collect::<Result<_>>()?;
+                let children: Vec<Digest> = children.iter().map(|d| digest(d)).collect::<Result<_>>()?;
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                let put = ManifestPut {
+                    meta,
+                    tags: &tags,
+                    expect: TagExpect::Any,
+                    blobs: &blobs,
+                    children: &children,
+                    immutable: &|_| false,
+                    quota: None,
+                    now_ms: *now,
+                };
+                m.put_manifest(repo, &digest(d)?, &put)
+            }
+            Op::DeleteManifest { repo, d } => m.delete_manifest(repo, &digest(d)?, &|_| false).map(drop),
+            Op::SetTag { repo, tag, d, now } => m.set_tag(repo, tag, &digest(d)?, &TagExpect::Any, false, *now),
+            Op::DeleteTag { repo, tag } => m.delete_tag(repo, tag, false).map(drop),
+            Op::PutUpload { id, rec } => m.put_upload(id, rec),
+            Op::RemoveUpload { id } => m.remove_upload(id).map(drop),
+        }
+    }
+
+    /// Runs a write on the index with `op` journaled inside its transaction; when another
+    /// node took the next sequence number first, catches up and runs it again (its
+    /// preconditions are checked again on the newer state).
+    fn write<T>(&self, op: Op, f: impl Fn(&RedbMeta) -> Result<T>) -> Result<T> {
+        let _g = self.writer.lock();
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = Bytes::from(serde_json::to_vec(&Entry { id: id.clone(), node: self.node.clone(), op })?);
+        for _ in 0..64 {
+            let seq = self.applied()? + 1;
+            PENDING.with(|p| *p.borrow_mut() = Some(Pending::Write { seq, id: id.clone(), body: body.clone() }));
+            BEHIND.with(|b| *b.borrow_mut() = false);
+            let r = f(&self.inner);
+            PENDING.with(|p| p.borrow_mut().take());
+            if BEHIND.with(|b| std::mem::take(&mut *b.borrow_mut())) {
+                self.catch_up()?;
+                continue;
+            }
+            return r;
+        }
+        Err(StoreError::Unavailable("the metadata journal is too busy: retry".into()))
+    }
+}
+
+/// redb's commit hook: journals the pending write (or records a replayed one) in the same
+/// transaction that applies it.
+fn hook(b: &Bucket, tx: &redb::WriteTransaction) -> Result<()> {
+    let Some(p) = PENDING.with(|p| p.borrow_mut().take()) else { return Ok(()) };
+    match p {
+        Pending::Replay { seq } => RedbMeta::set_meta_in(tx, SEQ, &seq.to_string()),
+        Pending::Write { seq, id, body } => {
+            let k = seq_key(seq);
+            if !b.put(&k, body, true)? {
+                // Taken: by another node, or by this write's own retried request.
+                let theirs = b.get(&k)?.map(|x| serde_json::from_slice::<Entry>(&x)).transpose()?;
+                if theirs.map(|e| e.id) != Some(id) {
+                    BEHIND.with(|x| *x.borrow_mut() = true);
+                    return Err(StoreError::Meta("journal moved on".into()));
+                }
+            }
+            RedbMeta::set_meta_in(tx, SEQ, &seq.to_string())
+        }
+    }
+}
+
+fn ds(v: &[Digest]) -> Vec<String> {
+    v.iter().map(|d| d.to_string()).collect()
+}
+
+impl MetaStore for JournalMeta {
+    fn blob(&self, d: &Digest) -> Result<Option<BlobRec>> {
+        self.inner.blob(d)
+    }
+
+    fn record_blob(&self, d: &Digest, size: u64, now_ms: u64, link: Option<(&str, Option<u64>)>) -> Result<()> {
+        let op = Op::RecordBlob { d: d.to_string(), size, now: now_ms, link: link.map(|(r, _)| r.to_string()) };
+        self.write(op, |m| m.record_blob(d, size, now_ms, link))
+    }
+
+    fn touch_blob(&self, d: &Digest, now_ms: u64) -> Result<bool> {
+        self.inner.touch_blob(d, now_ms)
+    }
+
+    fn forget_blobs_if_unused(&self, ds_: &[Digest], cutoff_ms: u64) -> Result<Vec<(Digest, u64)>> {
+        // Decided here, where the local access times are, and journaled as the list decided.
+        let _g = self.writer.lock();
+        let mut chosen = Vec::new();
+        for d in ds_ {
+            if let Some(rec) = self.inner.blob(d)? {
+                if rec.used_ms <= cutoff_ms && self.inner.holders(d)?.is_empty() {
+                    chosen.push(d.clone());
+                }
+            }
+        }
+        drop(_g);
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(Op::ForgetBlobs { ds: ds(&chosen) }, |m| m.forget_blobs_if_unused(&chosen, u64::MAX))
+    }
+
+    fn purge_blob(&self, d: &Digest) -> Result<Vec<String>> {
+        self.write(Op::PurgeBlob { d: d.to_string() }, |m| m.purge_blob(d))
+    }
+
+    fn blobs(&self, visit: &mut dyn FnMut(Digest, BlobRec)) -> Result<()> {
+        self.inner.blobs(visit)
+    }
+
+    fn link(&self, repo: &str, d: &Digest, now_ms: u64, quota: Option<u64>) -> Result<()> {
+        self.write(Op::Link { repo: repo.to_string(), d: d.to_string(), now: now_ms }, |m| m.link(repo, d, now_ms, quota))
+    }
+
+    fn holds(&self, repo: &str, d: &Digest) -> Result<bool> {
+        self.inner.holds(repo, d)
+    }
+
+    fn unlink(&self, repo: &str, d: &Digest) -> Result<bool> {
+        self.write(Op::Unlink { repo: repo.to_string(), d: d.to_string() }, |m| m.unlink(repo, d))
+    }
+
+    fn unlink_if_stale(&self, repo: &str, d: &Digest, cutoff_ms: u64) -> Result<bool> {
+        self.write(Op::UnlinkIfStale { repo: repo.to_string(), d: d.to_string(), cutoff: cutoff_ms }, |m| {
+            m.unlink_if_stale(repo, d, cutoff_ms)
+        })
+    }
+
+    fn links(&self, repo: &str) -> Result<Vec<(Digest, u64)>> {
+        self.inner.links(repo)
+    }
+
+    fn holders(&self, d: &Digest) -> Result<Vec<String>> {
+        self.inner.holders(d)
+    }
+
+    fn repositories(&self, after: Option<&str>, n: usize) -> Result<(Vec<String>, bool)> {
+        self.inner.repositories(after, n)
+    }
+
+    fn repo_exists(&self, repo: &str) -> Result<bool> {
+        self.inner.repo_exists(repo)
+    }
+
+    fn put_manifest(&self, repo: &str, d: &Digest, put: &ManifestPut<'_>) -> Result<()> {
+        let op = Op::PutManifest {
+            repo: repo.to_string(),
+            d: d.to_string(),
+            meta: put.meta.clone(),
+            tags: put.tags.iter().map(|t| t.to_string()).collect(),
+            blobs: ds(put.blobs),
+            children: ds(put.children),
+            now: put.now_ms,
+        };
+        self.write(op, |m| m.put_manifest(repo, d, put))
+    }
+
+    fn manifest(&self, repo: &str, d: &Digest) -> Result<Option<ManifestMeta>> {
+        self.inner.manifest(repo, d)
+    }
+
+    fn delete_manifest(&self, repo: &str, d: &Digest, immutable: &dyn Fn(&str) -> bool) -> Result<bool> {
+        self.write(Op::DeleteManifest { repo: repo.to_string(), d: d.to_string() }, |m| m.delete_manifest(repo, d, immutable))
+    }
+
+    fn manifests(&self, repo: &str) -> Result<Vec<(Digest, ManifestMeta)>> {
+        self.inner.manifests(repo)
+    }
+
+    fn all_manifests(&self, visit: &mut dyn FnMut(&str, Digest, &ManifestMeta)) -> Result<()> {
+        self.inner.all_manifests(visit)
+    }
+
+    fn set_tag(&self, repo: &str, tag: &str, d: &Digest, expect: &TagExpect, immutable: bool, now_ms: u64) -> Result<()> {
+        let op = Op::SetTag { repo: repo.to_string(), tag: tag.to_string(), d: d.to_string(), now: now_ms };
+        self.write(op, |m| m.set_tag(repo, tag, d, expect, immutable, now_ms))
+    }
+
+    fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagRec>> {
+        self.inner.tag(repo, tag)
+    }
+
+    fn delete_tag(&self, repo: &str, tag: &str, immutable: bool) -> Result<bool> {
+        self.write(Op::DeleteTag { repo: repo.to_string(), tag: tag.to_string() }, |m| m.delete_tag(repo, tag, immutable))
+    }
+
+    fn tags(&self, repo: &str, after: Option<&str>, n: usize) -> Result<Option<(Vec<String>, bool)>> {
+        self.inner.tags(repo, after, n)
+    }
+
+    fn tags_with_times(&self, repo: &str) -> Result<Vec<(String, TagRec)>> {
+        self.inner.tags_with_times(repo)
+    }
+
+    fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<(Digest, ManifestMeta)>> {
+        self.inner.referrers(repo, subject)
+    }
+
+    fn put_upload(&self, id: &str, rec: &UploadRec) -> Result<()> {
+        self.write(Op::PutUpload { id: id.to_string(), rec: rec.clone() }, |m| m.put_upload(id, rec))
+    }
+
+    fn touch_upload(&self, id: &str, rec: &UploadRec) -> Result<()> {
+        self.inner.touch_upload(id, rec)
+    }
+
+    fn upload(&self, id: &str) -> Result<Option<UploadRec>> {
+        self.inner.upload(id)
+    }
+
+    fn remove_upload(&self, id: &str) -> Result<bool> {
+        self.write(Op::RemoveUpload { id: id.to_string() }, |m| m.remove_upload(id))
+    }
+
+    fn uploads(&self) -> Result<Vec<(String, UploadRec)>> {
+        self.inner.uploads()
+    }
+
+    fn set_classes(&self, classes: Classes) -> Result<()> {
+        self.inner.set_classes(classes)
+    }
+
+    fn usage(&self) -> Result<Usage> {
+        self.inner.usage()
+    }
+
+    fn group_bytes(&self, group: &str) -> Result<u64> {
+        self.inner.group_bytes(group)
+    }
+
+    fn recount(&self, repair: bool) -> Result<Vec<String>> {
+        self.inner.recount(repair)
+    }
+}
