@@ -67,6 +67,28 @@ pub static AUTH_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static STALE_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_stale_served_total", "Cached tags served while the upstream failed", &["upstream"]).unwrap()
 });
+pub static STORAGE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_storage_requests_total", "Object storage (S3) requests, by operation and result", &["op", "result"])
+        .unwrap()
+});
+pub static STORAGE_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "berth_storage_request_duration_seconds",
+        "Object storage (S3) request time, retries included",
+        &["op"],
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .unwrap()
+});
+pub static STORAGE_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_storage_bytes_total", "Bytes moved to and from object storage, by direction", &["direction"]).unwrap()
+});
+pub static HOT_TIER: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_hot_tier_reads_total", "Blob reads with S3 storage, by whether a local copy served them", &["result"])
+        .unwrap()
+});
+pub static HOT_TIER_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("berth_hot_tier_bytes", "Bytes of local copies of bucket objects").unwrap());
 pub static BUILD_INFO: LazyLock<IntGaugeVec> =
     LazyLock::new(|| register_int_gauge_vec!("berth_build_info", "berth version", &["version"]).unwrap());
 

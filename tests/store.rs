@@ -304,6 +304,10 @@ fn write_v1_store(data: &std::path::Path) -> (String, String, Vec<u8>) {
 
 #[test]
 fn a_store_written_by_berth_0_1_opens() {
+    if common::backend_is_s3() {
+        // The 0.1 layout was on local disk only.
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (md, ld, m) = write_v1_store(&dir.path().join("data"));
     let b = Berth::start_in(dir, "[[namespace]]\nprefix = \"team\"\n");
@@ -371,6 +375,11 @@ fn a_patch_body_must_match_its_content_range() {
 #[test]
 fn an_upload_status_does_not_wait_for_a_stalled_patch() {
     use std::io::Write;
+    if common::backend_is_s3() {
+        // A PATCH's bytes reach the bucket in whole parts or at its end, so a status during it
+        // reports what was stored before it (the client's next offset either way).
+        return;
+    }
     let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
     let c = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let r = c.post(format!("{}/v2/team/st/blobs/uploads/", b.url())).send().unwrap();

@@ -140,6 +140,9 @@ impl Admin {
     /// Gauges read from the store's counters: O(1) whatever the store's size.
     async fn refresh_gauges(&self) {
         metrics::UPLOADS_IN_PROGRESS.set(self.store.uploads.in_progress() as i64);
+        if let Some(hot) = self.store.hot_tier_bytes() {
+            metrics::HOT_TIER_BYTES.set(hot as i64);
+        }
         match self.store.usage() {
             Ok(u) => {
                 metrics::STORE_BYTES.with_label_values(&["hosted"]).set(u.hosted as i64);

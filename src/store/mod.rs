@@ -80,8 +80,8 @@ pub struct Store {
     /// One collection at a time.
     gc_running: tokio::sync::Mutex<()>,
     reads: ReadCache,
-    /// The bucket, with the S3 backend (readiness, metrics).
-    bucket: Option<Arc<s3::Bucket>>,
+    /// The bucket and the local hot tier, with the S3 backend (readiness, metrics).
+    bucket: Option<(Arc<s3::Bucket>, Arc<s3::blobs::HotTier>)>,
 }
 
 /// Tags and manifest records as the metadata store last said, for the hot read path (a
@@ -221,25 +221,35 @@ impl Store {
         bucket.probe(&node).map_err(StoreError::Unavailable)?;
         let hot = s3::blobs::HotTier::open(root, hot_bytes)?;
         let meta = s3::journal::JournalMeta::open(&root.join("index.redb"), limits.meta_cache_bytes, bucket.clone(), &node)?;
-        let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot);
-        Self::build(Arc::new(blobs), meta, limits, Some(bucket))
+        let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot.clone());
+        Self::build(Arc::new(blobs), meta, limits, Some((bucket, hot)))
     }
 
     /// The bucket behind the store, if it is on S3.
     pub fn bucket(&self) -> Option<&Arc<s3::Bucket>> {
-        self.bucket.as_ref()
+        self.bucket.as_ref().map(|(b, _)| b)
+    }
+
+    /// Bytes of local copies in the hot tier (S3 only).
+    pub fn hot_tier_bytes(&self) -> Option<u64> {
+        self.bucket.as_ref().map(|(_, h)| h.used())
     }
 
     /// Whether the storage answers (always, for local disk).
     pub fn storage_ready(&self) -> bool {
-        self.bucket.as_ref().is_none_or(|b| b.healthy())
+        self.bucket.as_ref().is_none_or(|(b, _)| b.healthy())
     }
 
     pub fn with_backends(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Result<Arc<Store>> {
         Self::build(blobs, meta, limits, None)
     }
 
-    fn build(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits, bucket: Option<Arc<s3::Bucket>>) -> Result<Arc<Store>> {
+    fn build(
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        limits: Limits,
+        bucket: Option<(Arc<s3::Bucket>, Arc<s3::blobs::HotTier>)>,
+    ) -> Result<Arc<Store>> {
         let uploads = upload::Uploads::new(blobs.clone(), meta.clone(), &limits)?;
         Ok(Arc::new(Store {
             blobs,

@@ -148,6 +148,19 @@ impl Berth {
         }
     }
 
+    /// Replaces a stored blob's bytes (bit rot), in the store and in any local copy.
+    pub fn corrupt_blob(&self, digest: &str, bytes: &[u8]) {
+        let (algo, hex) = digest.split_once(':').unwrap();
+        let rel = format!("{algo}/{}/{hex}", &hex[..2]);
+        match s3_bucket(self.dir.path()) {
+            None => std::fs::write(self.data_dir().join("blobs").join(rel), bytes).unwrap(),
+            Some(b) => {
+                b.put(&format!("blobs/{rel}"), bytes.to_vec().into(), false).unwrap();
+                let _ = std::fs::remove_file(self.data_dir().join("hot").join(rel));
+            }
+        }
+    }
+
     /// A stored blob's bytes.
     pub fn stored_blob(&self, digest: &str) -> Option<Vec<u8>> {
         let (algo, hex) = digest.split_once(':').unwrap();
@@ -173,6 +186,17 @@ impl Berth {
     /// `grace_period`, which then replaces the short default the tests use).
     pub fn start_in_with_server(dir: tempfile::TempDir, server_extra: &str, extra: &str) -> Berth {
         Self::start_configured(dir, server_extra, "", extra)
+    }
+
+    /// As `start`, with the written config passed through `edit` first.
+    pub fn start_edited(extra: &str, edit: impl FnOnce(String) -> String) -> Berth {
+        let dir = tempfile::tempdir().unwrap();
+        let (config_path, port, admin_port) = Self::write_config(dir.path(), "", "", extra);
+        let text = std::fs::read_to_string(&config_path).unwrap();
+        std::fs::write(&config_path, edit(text)).unwrap();
+        let mut b = Berth { child: None, port, admin_port, config_path, log_path: dir.path().join("berth.log"), dir };
+        b.spawn();
+        b
     }
 
     /// As `start`, with `storage_extra` added to `[storage]` (cache bound, GC, upload expiry).

@@ -259,7 +259,7 @@ impl S3Blobs {
                     }
                 }
             }
-            b.stats.ops.lock().entry("get").or_default().bytes += sent;
+            b.received(sent);
             if let Some((f, p, h, d, size, _)) = copy {
                 drop(f);
                 if sent == size && h.finish() == d {
@@ -558,10 +558,10 @@ impl BlobStore for S3Blobs {
 
     fn open(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> Result<Option<BlobBody>> {
         if let Some(file) = self.hot.get(d, size) {
-            self.b.stats.hot_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::HOT_TIER.with_label_values(&["hit"]).inc();
             return Ok(Some(BlobBody::File { file, len: size }));
         }
-        self.b.stats.hot_misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::HOT_TIER.with_label_values(&["miss"]).inc();
         let keep = (range.is_none() && self.hot.bound >= size).then(|| (d.clone(), size));
         let rx = self.stream(blob_key(d), range, keep);
         Ok(Some(BlobBody::Stream { stream: rx.boxed(), len: size }))

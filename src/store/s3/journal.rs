@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case")]
 enum Op {
     RecordBlob { d: String, size: u64, now: u64, link: Option<String> },
     ForgetBlobs { ds: Vec<String> },
@@ -46,7 +46,6 @@ struct Entry {
     /// Unique per write: a retried create that the bucket had already stored is recognised.
     id: String,
     node: String,
-    #[serde(flatten)]
     op: Op,
 }
 
@@ -66,6 +65,8 @@ thread_local! {
 
 const SEQ: &str = "journal.seq";
 const SOURCE: &str = "journal.source";
+/// Where the index keeps the grouping its counters were computed under.
+const CLASSES: &str = "classes";
 
 fn seq_key(seq: u64) -> String {
     format!("journal/{seq:020}")
@@ -108,6 +109,9 @@ impl JournalMeta {
         };
         if n > 0 {
             tracing::info!(entries = n, seconds = t.elapsed().as_secs_f64(), "metadata journal replayed");
+            // Replayed before the configuration said how repositories group: the counters are
+            // rebuilt when it does.
+            j.inner.set_meta(CLASSES, "")?;
         }
         Ok(j)
     }
@@ -416,7 +420,9 @@ impl MetaStore for JournalMeta {
     }
 
     fn set_classes(&self, classes: Classes) -> Result<()> {
-        self.inner.set_classes(classes)
+        self.inner.set_classes(classes)?;
+        let _g = self.writer.lock();
+        self.catch_up().map(drop)
     }
 
     fn usage(&self) -> Result<Usage> {

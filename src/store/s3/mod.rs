@@ -55,22 +55,6 @@ impl S3Settings {
     }
 }
 
-/// Request counters by operation, read by the metrics endpoint.
-#[derive(Default)]
-pub struct BucketStats {
-    pub ops: parking_lot::Mutex<std::collections::BTreeMap<&'static str, OpStats>>,
-    pub hot_hits: std::sync::atomic::AtomicU64,
-    pub hot_misses: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Default, Clone, Copy)]
-pub struct OpStats {
-    pub requests: u64,
-    pub errors: u64,
-    pub seconds: f64,
-    pub bytes: u64,
-}
-
 pub struct Bucket {
     s3: Arc<AmazonS3>,
     rt: Option<tokio::runtime::Runtime>,
@@ -79,7 +63,6 @@ pub struct Bucket {
     /// The engine honours `If-None-Match: *` on PUT (detected at start).
     create_only: AtomicBool,
     healthy: AtomicBool,
-    pub stats: BucketStats,
 }
 
 impl Drop for Bucket {
@@ -154,7 +137,6 @@ impl Bucket {
             describe: s.describe(),
             create_only: AtomicBool::new(true),
             healthy: AtomicBool::new(true),
-            stats: BucketStats::default(),
         }))
     }
 
@@ -200,8 +182,8 @@ impl Bucket {
         self.s3.clone()
     }
 
-    /// Counts one request (metrics) and maps its error: absence is `None` for the caller to
-    /// decide on, anything else is the storage being unavailable, never "not found".
+    /// Counts one request in the metrics (`bytes` sent; reads count theirs with
+    /// [`Bucket::received`]). Absence and lost create-only races are answers, not errors.
     pub fn account<T>(
         &self,
         op: &'static str,
@@ -209,17 +191,26 @@ impl Bucket {
         bytes: u64,
         r: std::result::Result<T, object_store::Error>,
     ) -> Result<T, object_store::Error> {
-        let mut ops = self.stats.ops.lock();
-        let e = ops.entry(op).or_default();
-        e.requests += 1;
-        e.seconds += started.elapsed().as_secs_f64();
-        e.bytes += bytes;
-        if let Err(err) = &r {
-            if !is_not_found(err) && !matches!(err, object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) {
-                e.errors += 1;
-            }
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(e) if is_not_found(e) => "not_found",
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => "exists",
+            Err(_) => "error",
+        };
+        crate::metrics::STORAGE_REQUESTS.with_label_values(&[op, result]).inc();
+        crate::metrics::STORAGE_DURATION.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        if bytes > 0 {
+            crate::metrics::STORAGE_BYTES.with_label_values(&["out"]).inc_by(bytes);
+        }
+        if result == "error" {
+            // Retries are behind us: readiness reports it until the watcher sees an answer.
+            self.healthy.store(false, Ordering::Relaxed);
         }
         r
+    }
+
+    pub fn received(&self, bytes: u64) {
+        crate::metrics::STORAGE_BYTES.with_label_values(&["in"]).inc_by(bytes);
     }
 
     pub fn unavailable(&self, what: &str, e: object_store::Error) -> StoreError {
@@ -236,8 +227,8 @@ impl Bucket {
                 Err(e) => Err(e),
             }
         });
-        let n = r.as_ref().map(|b| b.len() as u64).unwrap_or(0);
-        match self.account("get", t, n, r) {
+        self.received(r.as_ref().map(|b| b.len() as u64).unwrap_or(0));
+        match self.account("get", t, 0, r) {
             Ok(b) => Ok(Some(b)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(self.unavailable(&format!("reading {k}"), e)),
