@@ -42,6 +42,9 @@ enum Command {
         /// Remove what cannot be trusted (berth must be stopped).
         #[arg(long)]
         repair: bool,
+        /// Continue an interrupted run: blobs it verified are not hashed again.
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Fsck { config, repair } => match load(Some(&config)).and_then(|c| berth::ops::fsck(c, repair)) {
+        Command::Fsck { config, repair, resume } => match load(Some(&config)).and_then(|c| berth::ops::fsck(c, repair, resume)) {
             Ok((clean, report)) => {
                 print!("{report}");
                 if clean {

@@ -95,6 +95,18 @@ pub static BUILD_INFO: LazyLock<IntGaugeVec> =
 /// Touches every metric so each appears in /metrics from the start, labelled ones with the
 /// label values berth knows in advance.
 pub fn init(upstreams: &[String]) {
+    // Series that exist from the start, so dashboards show zero rather than no data.
+    for op in ["get", "put"] {
+        STORAGE_REQUESTS.with_label_values(&[op, "ok"]);
+        STORAGE_DURATION.with_label_values(&[op]);
+    }
+    for dir in ["in", "out"] {
+        STORAGE_BYTES.with_label_values(&[dir]);
+    }
+    for r in ["hit", "miss"] {
+        HOT_TIER.with_label_values(&[r]);
+    }
+    HOT_TIER_BYTES.set(0);
     BUILD_INFO.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     for kind in ["manifest", "blob"] {
         for result in ["hit", "miss", "stale", "coalesced"] {

@@ -39,7 +39,7 @@ pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
 }
 
 /// Verifies the whole store. Returns whether it was consistent, and the report.
-pub fn fsck(config: Config, repair: bool) -> Result<(bool, String), String> {
+pub fn fsck(config: Config, repair: bool, resume: bool) -> Result<(bool, String), String> {
     // The metadata database takes one process at a time.
     if let Some(addr) = running_admin(&config) {
         let what = if repair { "fsck --repair" } else { "fsck" };
@@ -52,7 +52,7 @@ pub fn fsck(config: Config, repair: bool) -> Result<(bool, String), String> {
             namespaces: config.namespaces.iter().map(|n| n.prefix.clone()).collect(),
         })
         .map_err(|e| format!("fsck failed: {e}"))?;
-    let r = store.fsck(repair).map_err(|e| format!("fsck failed: {e}"))?;
+    let r = store.fsck_with(repair, resume).map_err(|e| format!("fsck failed: {e}"))?;
     let mut out = String::new();
     for p in &r.problems {
         out.push_str(&format!("problem: {p}\n"));

@@ -272,4 +272,12 @@ pub trait MetaStore: Send + Sync {
     fn group_bytes(&self, group: &str) -> Result<u64>;
     /// Recomputes every counter from the records; returns what differed (fsck).
     fn recount(&self, repair: bool) -> Result<Vec<String>>;
+
+    // ---- this node's operational notes (not content: never replicated) ----
+    fn note(&self, _key: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+    fn set_note(&self, _key: &str, _value: Option<&str>) -> Result<()> {
+        Ok(())
+    }
 }

@@ -815,6 +815,24 @@ impl MetaStore for RedbMeta {
         Ok(t.get(group)?.map(|v| v.value()).unwrap_or(0))
     }
 
+    fn note(&self, key: &str) -> Result<Option<String>> {
+        self.get_meta(&format!("note.{key}"))
+    }
+
+    fn set_note(&self, key: &str, value: Option<&str>) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(META)?;
+            let k = format!("note.{key}");
+            match value {
+                Some(v) => t.insert(k.as_str(), v)?,
+                None => t.remove(k.as_str())?,
+            };
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn recount(&self, repair: bool) -> Result<Vec<String>> {
         let write = |b: &mut Batch<'_>| -> Result<Vec<String>> {
             // Holders from links and manifests.

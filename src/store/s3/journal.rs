@@ -436,4 +436,12 @@ impl MetaStore for JournalMeta {
     fn recount(&self, repair: bool) -> Result<Vec<String>> {
         self.inner.recount(repair)
     }
+
+    fn note(&self, key: &str) -> Result<Option<String>> {
+        self.inner.note(key)
+    }
+
+    fn set_note(&self, key: &str, value: Option<&str>) -> Result<()> {
+        self.inner.set_note(key, value)
+    }
 }
