@@ -81,9 +81,10 @@ impl Store {
                 chunk.iter().cloned().partition(|(d, _)| done_before.as_deref().is_some_and(|p| d.to_string().as_str() <= p));
             skipped += verified.len();
             let hashed = self.hash_many(&to_hash, workers);
-            let results = verified.into_iter().map(|(d, s)| (d.clone(), s, Ok(Some(d)))).chain(
-                to_hash.into_iter().zip(hashed).map(|((d, s), h)| (d, s, h)),
-            );
+            let results = verified
+                .into_iter()
+                .map(|(d, s)| (d.clone(), s, Ok(Some(d))))
+                .chain(to_hash.into_iter().zip(hashed).map(|((d, s), h)| (d, s, h)));
             for (d, size, actual) in results {
                 self.fsck_blob(&d, size, actual?, &records, repair, &mut gone, &mut rep)?;
             }

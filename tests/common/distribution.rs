@@ -276,6 +276,9 @@ pub struct Options {
     pub redirect: bool,
     /// Pull-through proxy of this URL (`proxy.remoteurl`).
     pub proxy: Option<String>,
+    /// `storage: s3` on this bucket instead of the filesystem: (endpoint, bucket, region,
+    /// access key, secret key, root directory inside the bucket).
+    pub s3: Option<[String; 6]>,
 }
 
 /// One line of the registry's access log.
@@ -328,9 +331,14 @@ impl Registry {
         if let Some(remote) = &opts.proxy {
             extra += &format!("proxy:\n  remoteurl: {remote}\n");
         }
+        let backend = match &opts.s3 {
+            None => format!("filesystem:\n    rootdirectory: {}", storage.display()),
+            Some([endpoint, bucket, region, ak, sk, root]) => format!(
+                "s3:\n    regionendpoint: {endpoint}\n    bucket: {bucket}\n    region: {region}\n    accesskey: {ak}\n    secretkey: {sk}\n    rootdirectory: /{root}\n    secure: false\n    v4auth: true\n    forcepathstyle: true"
+            ),
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  cache:\n    blobdescriptor: inmemory\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: berth-test-secret\n{extra}",
-            storage.display()
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  {backend}\n  cache:\n    blobdescriptor: inmemory\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: berth-test-secret\n{extra}"
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
