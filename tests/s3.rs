@@ -350,3 +350,34 @@ fn metric(b: &Berth, name: &str) -> f64 {
     let text = reqwest::blocking::get(format!("{}/metrics", b.admin_url())).unwrap().text().unwrap();
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
+
+#[test]
+fn tokens_signed_before_outlive_the_local_disk() {
+    if !backend_is_s3() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ht = dir.path().join("htpasswd");
+    std::fs::write(&ht, format!("alice:{}\n", bcrypt::hash("wonderland", 4).unwrap())).unwrap();
+    let mut b = Berth::start_in(
+        dir,
+        &format!("[auth]\nhtpasswd = \"{}\"\n\n[[namespace]]\nprefix = \"team\"\npull = [\"alice\"]\npush = [\"alice\"]\n", ht.display()),
+    );
+    let c = client();
+    let r = c
+        .get(format!("{}/token?service=berth&scope=repository:team/app:pull,push", b.url()))
+        .basic_auth("alice", Some("wonderland"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<serde_json::Value>().unwrap()["token"].as_str().unwrap().to_string();
+    let tags = |b: &Berth| c.get(format!("{}/v2/team/app/tags/list", b.url())).bearer_auth(&token).send().unwrap().status().as_u16();
+    assert_eq!(tags(&b), 404, "authorized; the repository does not exist yet");
+    // The signing key is in the bucket, not on the disk that is gone.
+    b.kill();
+    for e in std::fs::read_dir(b.data_dir()).unwrap().flatten() {
+        let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+    }
+    b.spawn();
+    assert_eq!(tags(&b), 404, "a token issued before is still accepted");
+}

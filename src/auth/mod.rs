@@ -136,8 +136,8 @@ fn bearer_token(authorization: &str) -> Option<&str> {
 }
 
 impl Auth {
-    pub fn new(cfg: &AuthConfig, storage_root: &Path) -> Result<Auth, String> {
-        let key = TokenKey::load_or_generate(cfg.token_key.as_deref(), storage_root)?;
+    pub fn new(cfg: &AuthConfig, store: &dyn crate::store::BlobStore) -> Result<Auth, String> {
+        let key = TokenKey::load_or_generate(cfg.token_key.as_deref(), store)?;
         let db = UserDb { users: (*cfg.users).clone(), version: file_version(&cfg.htpasswd) };
         let mut pepper = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pepper).map_err(|_| "no randomness".to_string())?;
@@ -323,7 +323,7 @@ mod tests {
             failure_window: Duration::from_secs(60),
             policy: Policy::default(),
         };
-        Auth::new(&cfg, dir).unwrap()
+        Auth::new(&cfg, &crate::store::local::LocalBlobs::open(dir).unwrap()).unwrap()
     }
 
     fn basic(u: &str, p: &str) -> String {

@@ -5,13 +5,13 @@
 //! HMAC-with-the-public-key tokens are refused before any claim is read; then issuer,
 //! audience, expiry and not-before are checked.
 
+use crate::store::BlobStore;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const ISSUER: &str = "berth";
@@ -80,38 +80,30 @@ impl TokenKey {
         TokenKey::from_pem(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// The configured key, or the one kept under `root`, generated on first start. Generation
-    /// publishes with a hard link so two processes sharing `root` end up with the same key.
-    pub fn load_or_generate(configured: Option<&Path>, root: &Path) -> Result<TokenKey, String> {
+    /// The configured key, or the one kept in the store (every node on the same storage
+    /// signs with it), generated on first start.
+    pub fn load_or_generate(configured: Option<&Path>, store: &dyn BlobStore) -> Result<TokenKey, String> {
         if let Some(p) = configured {
             return TokenKey::load(p);
         }
-        let path = root.join(GENERATED_KEY);
-        if path.exists() {
-            return TokenKey::load(&path);
+        let read = |what: &str| -> Result<Option<TokenKey>, String> {
+            match store.object(GENERATED_KEY).map_err(|e| format!("reading the token signing key: {e}"))? {
+                None => Ok(None),
+                Some(b) => TokenKey::from_pem(&b).map(Some).map_err(|e| format!("the {what} token signing key {GENERATED_KEY}: {e}")),
+            }
+        };
+        if let Some(k) = read("stored")? {
+            return Ok(k);
         }
-        let dir = path.parent().expect("key path has a parent");
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
             .map_err(|_| "cannot generate a signing key".to_string())?;
         let text = pem::encode(&pem::Pem::new("PRIVATE KEY", doc.as_ref().to_vec()));
-        let tmp = dir.join(format!(".token-key.{}.tmp", uuid::Uuid::new_v4()));
-        let write = |p: &PathBuf| -> std::io::Result<()> {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(p)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        };
-        let published = write(&tmp).and_then(|_| std::fs::hard_link(&tmp, &path));
-        let _ = std::fs::remove_file(&tmp);
-        match published {
-            Ok(()) => {
-                tracing::info!(path = %path.display(), "generated a token signing key");
-                TokenKey::from_pkcs8(doc.as_ref())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => TokenKey::load(&path),
-            Err(e) => Err(format!("cannot write {}: {e}", path.display())),
+        if store.put_object_new(GENERATED_KEY, text.as_bytes()).map_err(|e| format!("storing the token signing key: {e}"))? {
+            tracing::info!(key = GENERATED_KEY, "generated a token signing key");
+            return TokenKey::from_pkcs8(doc.as_ref());
         }
+        // Another process stored one first: everyone signs with that.
+        read("stored")?.ok_or_else(|| "the token signing key vanished while it was being created".to_string())
     }
 }
 
@@ -176,7 +168,8 @@ mod tests {
 
     fn tokens(aud: &str) -> Tokens {
         let dir = tempfile::tempdir().unwrap();
-        Tokens::new(TokenKey::load_or_generate(None, dir.path()).unwrap(), aud, Duration::from_secs(300))
+        let store = crate::store::local::LocalBlobs::open(dir.path()).unwrap();
+        Tokens::new(TokenKey::load_or_generate(None, &store).unwrap(), aud, Duration::from_secs(300))
     }
 
     fn access(name: &str) -> Vec<Access> {
@@ -238,8 +231,9 @@ mod tests {
     #[test]
     fn keys_persist_and_bad_keys_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let a = TokenKey::load_or_generate(None, dir.path()).unwrap();
-        let b = TokenKey::load_or_generate(None, dir.path()).unwrap();
+        let store = crate::store::local::LocalBlobs::open(dir.path()).unwrap();
+        let a = TokenKey::load_or_generate(None, &store).unwrap();
+        let b = TokenKey::load_or_generate(None, &store).unwrap();
         assert_eq!(a.kid, b.kid);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(GENERATED_KEY)).unwrap().permissions().mode();

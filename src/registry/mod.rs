@@ -97,7 +97,7 @@ impl Registry {
         store.set_classes(classes).map_err(|e| format!("store: {e}"))?;
         store.set_cache_limit(config.storage.max_cache_bytes).map_err(|e| format!("store: {e}"))?;
         let auth = match &config.auth {
-            Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &config.storage_root)?)),
+            Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &**store.blobs())?)),
             None => None,
         };
         Ok(Arc::new(Registry { store, config, mirror, auth }))

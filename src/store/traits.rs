@@ -178,6 +178,13 @@ pub trait BlobStore: Send + Sync {
     /// Writers in progress (or left by a crash before the last restart).
     fn temp_count(&self) -> usize;
 
+    // Small named objects beside the content, shared by every node on the same storage (the
+    // token signing key). Names are relative paths such as `auth/token-key.pem`.
+    fn object(&self, name: &str) -> Result<Option<Bytes>>;
+    /// Stores `data` under `name` unless something is there; false if something was (the
+    /// caller reads that instead). Private to berth's user where the backend has modes.
+    fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool>;
+
     // Upload session data: appended across requests, published as a blob at the end.
     fn upload_create(&self, id: &str) -> Result<()>;
     fn upload_appender(&self, id: &str) -> Result<Box<dyn UploadWriter>>;

@@ -174,6 +174,35 @@ impl BlobStore for LocalBlobs {
         fs::read_dir(self.root.join("tmp")).map(|d| d.count()).unwrap_or(0)
     }
 
+    fn object(&self, name: &str) -> Result<Option<Bytes>> {
+        Ok(not_found_is_none(fs::read(self.root.join(name)))?.map(Bytes::from))
+    }
+
+    fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join(name);
+        let dir = path.parent().expect("object path has a parent");
+        fs::create_dir_all(dir)?;
+        // Written whole and synced under a temp name, then hard-linked: two processes racing
+        // end up with the same object, and a reader never sees half of one.
+        let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
+        let written = (|| -> io::Result<()> {
+            let mut f = File::options().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        let published = written.and_then(|_| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        match published {
+            Ok(()) => {
+                sync_dir(dir)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn upload_create(&self, id: &str) -> Result<()> {
         let dir = self.upload_dir(id);
         fs::create_dir_all(&dir)?;

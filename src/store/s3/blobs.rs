@@ -625,6 +625,14 @@ impl BlobStore for S3Blobs {
         fs::read_dir(&self.hot.tmp).map(|d| d.count()).unwrap_or(0)
     }
 
+    fn object(&self, name: &str) -> Result<Option<Bytes>> {
+        self.b.get(name)
+    }
+
+    fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool> {
+        self.b.put(name, Bytes::copy_from_slice(data), true)
+    }
+
     fn upload_create(&self, id: &str) -> Result<()> {
         let st = SessionState::default();
         self.b.put(&Self::upload_key(id, "state"), Bytes::from(serde_json::to_vec(&st)?), true)?;
