@@ -381,3 +381,49 @@ fn tokens_signed_before_outlive_the_local_disk() {
     b.spawn();
     assert_eq!(tags(&b), 404, "a token issued before is still accepted");
 }
+
+#[test]
+fn snapshots_bound_the_journal_and_a_new_node_starts_from_one() {
+    if !backend_is_s3() {
+        return;
+    }
+    let mut b =
+        Berth::start_edited("[[namespace]]\nprefix = \"team\"\n", |t| t.replace("[storage.s3]\n", "[storage.s3]\nsnapshot_every = 8\n"));
+    let c = client();
+    let mut pushed = Vec::new();
+    for i in 0..12 {
+        pushed.push((format!("v{i}"), push_image(&c, &b.url(), "team/app", &format!("v{i}"), format!("layer {i}").as_bytes())));
+    }
+    let bucket = common::s3_bucket(b.dir.path()).unwrap();
+    let keys = |dir: &str| {
+        let mut v = Vec::new();
+        bucket
+            .list(dir, None, &mut |k, _| {
+                v.push(k.to_string());
+                true
+            })
+            .unwrap();
+        v
+    };
+    // Each image is several journal entries: snapshots are due every 8, at most the newest two
+    // are kept, and the entries the older of them covers are pruned.
+    let pruned = || {
+        let snaps = keys("snapshots/");
+        (1..=2).contains(&snaps.len()) && keys("journal/").first().is_some_and(|k| k != "journal/00000000000000000001")
+    };
+    assert!(eventually(Duration::from_secs(20), pruned), "{:?} {:?}", keys("snapshots/"), keys("journal/").first());
+
+    wipe_local(&mut b);
+    b.spawn();
+    assert!(b.log().contains("metadata index loaded from a snapshot"), "{}", b.log());
+    for (tag, md) in &pushed {
+        let r = c.get(format!("{}/v2/team/app/manifests/{tag}", b.url())).send().unwrap();
+        assert_eq!(r.status(), 200, "{tag}");
+        assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+    }
+    push_image(&c, &b.url(), "team/app", "after", b"after the snapshot");
+    b.kill();
+    let mut fsck = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    fsck.args(["fsck", "--config"]).arg(&b.config_path);
+    common::cmd::run(&mut fsck, Duration::from_secs(120)).expect_ok();
+}

@@ -107,6 +107,12 @@ struct S3File {
     prefix: String,
     access_key_id: Option<String>,
     secret_access_key_file: Option<PathBuf>,
+    #[serde(default = "default_snapshot_every")]
+    snapshot_every: u64,
+}
+
+fn default_snapshot_every() -> u64 {
+    10_000
 }
 
 fn default_region() -> String {
@@ -559,6 +565,7 @@ impl Config {
                     prefix: s.prefix,
                     access_key_id: s.access_key_id,
                     secret_access_key: secret,
+                    snapshot_every: s.snapshot_every.max(1),
                 })
             }
         };

@@ -220,7 +220,13 @@ impl Store {
         let node = s3::node_name();
         bucket.probe(&node).map_err(StoreError::Unavailable)?;
         let hot = s3::blobs::HotTier::open(root, hot_bytes)?;
-        let meta = s3::journal::JournalMeta::open(&root.join("index.redb"), limits.meta_cache_bytes, bucket.clone(), &node)?;
+        let meta = s3::journal::JournalMeta::open(
+            &root.join("index.redb"),
+            limits.meta_cache_bytes,
+            bucket.clone(),
+            &node,
+            settings.snapshot_every,
+        )?;
         let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot.clone());
         Self::build(Arc::new(blobs), meta, limits, Some((bucket, hot)))
     }

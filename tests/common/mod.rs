@@ -92,6 +92,7 @@ pub fn s3_bucket(dir: &Path) -> Option<std::sync::Arc<berth::store::s3::Bucket>>
         prefix: s3_prefix(dir),
         access_key_id: Some(var("BERTH_TEST_S3_ACCESS_KEY")),
         secret_access_key: Some(var("BERTH_TEST_S3_SECRET_KEY")),
+        ..Default::default()
     };
     Some(berth::store::s3::Bucket::new(&s, Duration::from_secs(10)).unwrap())
 }

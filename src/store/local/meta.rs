@@ -179,6 +179,132 @@ impl RedbMeta {
     }
 }
 
+const SNAPSHOT_MAGIC: &[u8] = b"berth-index-snapshot 1\n";
+
+fn snap_record(w: &mut dyn std::io::Write, id: u8, key: &str, val: &[u8]) -> std::io::Result<()> {
+    w.write_all(&[id])?;
+    w.write_all(&(key.len() as u32).to_le_bytes())?;
+    w.write_all(key.as_bytes())?;
+    w.write_all(&(val.len() as u32).to_le_bytes())?;
+    w.write_all(val)
+}
+
+/// Every record of one table, its value as bytes.
+macro_rules! dump_table {
+    ($rx:expr, $w:expr, $id:expr, $def:expr, $bytes:expr) => {{
+        let t = $rx.open_table($def)?;
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let b = $bytes(v.value());
+            snap_record($w, $id, k.value(), AsRef::<[u8]>::as_ref(&b))?;
+        }
+    }};
+}
+
+impl RedbMeta {
+    /// Writes every table but `meta` as one stream, at the sequence number recorded under
+    /// `seq_key` in the same read transaction. Returns that number.
+    pub fn dump(&self, seq_key: &str, w: &mut dyn std::io::Write) -> Result<u64> {
+        let rx = self.db.begin_read()?;
+        let seq: u64 = rx.open_table(META)?.get(seq_key)?.and_then(|v| v.value().parse().ok()).unwrap_or(0);
+        w.write_all(SNAPSHOT_MAGIC)?;
+        w.write_all(&seq.to_le_bytes())?;
+        let bytes = |v: &[u8]| v.to_vec();
+        let num = |v: u64| v.to_le_bytes();
+        let text = |v: &str| v.as_bytes().to_vec();
+        let unit = |_: ()| [0u8; 0];
+        dump_table!(rx, w, 1, BLOBS, bytes);
+        dump_table!(rx, w, 2, LINKS, num);
+        dump_table!(rx, w, 3, MANIFESTS, bytes);
+        dump_table!(rx, w, 4, TAGS, text);
+        dump_table!(rx, w, 5, REFERRERS, unit);
+        dump_table!(rx, w, 6, HOLDERS, unit);
+        dump_table!(rx, w, 7, REPOS, num);
+        dump_table!(rx, w, 8, GROUP_REFS, num);
+        dump_table!(rx, w, 9, USAGE, num);
+        dump_table!(rx, w, 10, UPLOADS, bytes);
+        dump_table!(rx, w, 11, MREFS, num);
+        dump_table!(rx, w, 12, MREFS_OF, text);
+        w.flush()?;
+        Ok(seq)
+    }
+
+    /// Replaces every table but `meta` with a snapshot's content and records its sequence
+    /// number under `seq_key`, in one transaction. Returns that number.
+    pub fn load(&self, seq_key: &str, r: &mut dyn std::io::Read) -> Result<u64> {
+        let bad = |m: &str| StoreError::Meta(format!("snapshot: {m}"));
+        let mut magic = vec![0u8; SNAPSHOT_MAGIC.len()];
+        r.read_exact(&mut magic)?;
+        if magic != SNAPSHOT_MAGIC {
+            return Err(bad("not a berth index snapshot"));
+        }
+        let mut n8 = [0u8; 8];
+        r.read_exact(&mut n8)?;
+        let seq = u64::from_le_bytes(n8);
+        let tx = self.db.begin_write()?;
+        tx.delete_table(BLOBS)?;
+        tx.delete_table(LINKS)?;
+        tx.delete_table(MANIFESTS)?;
+        tx.delete_table(TAGS)?;
+        tx.delete_table(REFERRERS)?;
+        tx.delete_table(HOLDERS)?;
+        tx.delete_table(REPOS)?;
+        tx.delete_table(GROUP_REFS)?;
+        tx.delete_table(USAGE)?;
+        tx.delete_table(UPLOADS)?;
+        tx.delete_table(MREFS)?;
+        tx.delete_table(MREFS_OF)?;
+        // Recreated empty: a table the snapshot has no record for must still exist.
+        tx.open_table(BLOBS)?;
+        tx.open_table(LINKS)?;
+        tx.open_table(MANIFESTS)?;
+        tx.open_table(TAGS)?;
+        tx.open_table(REFERRERS)?;
+        tx.open_table(HOLDERS)?;
+        tx.open_table(REPOS)?;
+        tx.open_table(GROUP_REFS)?;
+        tx.open_table(USAGE)?;
+        tx.open_table(UPLOADS)?;
+        tx.open_table(MREFS)?;
+        tx.open_table(MREFS_OF)?;
+        let (mut key, mut val) = (Vec::new(), Vec::new());
+        loop {
+            let mut id = [0u8; 1];
+            if r.read(&mut id)? == 0 {
+                break;
+            }
+            let mut n4 = [0u8; 4];
+            r.read_exact(&mut n4)?;
+            key.resize(u32::from_le_bytes(n4) as usize, 0);
+            r.read_exact(&mut key)?;
+            r.read_exact(&mut n4)?;
+            val.resize(u32::from_le_bytes(n4) as usize, 0);
+            r.read_exact(&mut val)?;
+            let k = std::str::from_utf8(&key).map_err(|_| bad("a key is not UTF-8"))?;
+            let num = || -> Result<u64> { Ok(u64::from_le_bytes(val.as_slice().try_into().map_err(|_| bad("a number is not 8 bytes"))?)) };
+            let text = || std::str::from_utf8(&val).map_err(|_| bad("a text value is not UTF-8"));
+            match id[0] {
+                1 => drop(tx.open_table(BLOBS)?.insert(k, val.as_slice())?),
+                2 => drop(tx.open_table(LINKS)?.insert(k, num()?)?),
+                3 => drop(tx.open_table(MANIFESTS)?.insert(k, val.as_slice())?),
+                4 => drop(tx.open_table(TAGS)?.insert(k, text()?)?),
+                5 => drop(tx.open_table(REFERRERS)?.insert(k, ())?),
+                6 => drop(tx.open_table(HOLDERS)?.insert(k, ())?),
+                7 => drop(tx.open_table(REPOS)?.insert(k, num()?)?),
+                8 => drop(tx.open_table(GROUP_REFS)?.insert(k, num()?)?),
+                9 => drop(tx.open_table(USAGE)?.insert(k, num()?)?),
+                10 => drop(tx.open_table(UPLOADS)?.insert(k, val.as_slice())?),
+                11 => drop(tx.open_table(MREFS)?.insert(k, num()?)?),
+                12 => drop(tx.open_table(MREFS_OF)?.insert(k, text()?)?),
+                other => return Err(bad(&format!("unknown table {other}"))),
+            }
+        }
+        Self::set_meta_in(&tx, seq_key, &seq.to_string())?;
+        tx.commit()?;
+        Ok(seq)
+    }
+}
+
 /// Writes inside one transaction, keeping the holder index and the counters in step.
 pub struct Batch<'a> {
     tx: &'a WriteTransaction,
@@ -1000,5 +1126,33 @@ mod tests {
         assert_eq!((p.len(), more, p[0].as_str()), (5, false, "t20"));
         assert!(m.tags("team/none", None, 10).unwrap().is_none());
         assert_eq!(m.repositories(Some("team/a"), 10).unwrap().0, vec!["team/a/b".to_string()]);
+    }
+
+    #[test]
+    fn a_snapshot_loads_into_an_empty_index_as_it_was() {
+        let (_d, m) = db();
+        let (x, y) = (Digest::sha256_of(b"x"), Digest::sha256_of(b"y"));
+        m.record_blob(&x, 1, 5, Some(("team/a", None))).unwrap();
+        m.record_blob(&y, 2, 5, None).unwrap();
+        put(&m, "team/a", &x, &["v1", "latest"], TagExpect::Any, false).unwrap();
+        m.put_upload("u1", &UploadRec { repo: "team/a".into(), client: "c".into(), created_ms: 1, active_ms: 2 }).unwrap();
+        m.set_meta("seq", "42").unwrap();
+        let mut snap = Vec::new();
+        assert_eq!(m.dump("seq", &mut snap).unwrap(), 42);
+        let (_d2, n) = db();
+        n.record_blob(&Digest::sha256_of(b"stale"), 9, 1, None).unwrap();
+        assert_eq!(n.load("seq", &mut snap.as_slice()).unwrap(), 42);
+        assert_eq!(n.get_meta("seq").unwrap().as_deref(), Some("42"));
+        assert!(n.blob(&Digest::sha256_of(b"stale")).unwrap().is_none(), "what the index held before is replaced");
+        assert_eq!(n.tags("team/a", None, 10).unwrap(), m.tags("team/a", None, 10).unwrap());
+        assert_eq!(n.tag("team/a", "v1").unwrap(), m.tag("team/a", "v1").unwrap());
+        assert_eq!(n.manifests("team/a").unwrap(), m.manifests("team/a").unwrap());
+        assert_eq!(n.holders(&x).unwrap(), m.holders(&x).unwrap());
+        assert_eq!(n.blob(&y).unwrap(), m.blob(&y).unwrap());
+        assert_eq!(n.uploads().unwrap(), m.uploads().unwrap());
+        assert!(n.referrers("team/a", &x).unwrap().is_empty(), "a table without records is there, empty");
+        assert_eq!(n.usage().unwrap(), m.usage().unwrap());
+        assert!(n.recount(false).unwrap().is_empty());
+        assert!(n.load("seq", &mut &b"not a snapshot at all......"[..]).is_err());
     }
 }

@@ -64,12 +64,22 @@ thread_local! {
 }
 
 const SEQ: &str = "journal.seq";
+/// The sequence number of the last snapshot this node wrote or loaded.
+const SNAPSHOT: &str = "journal.snapshot";
 const SOURCE: &str = "journal.source";
 /// Where the index keeps the grouping its counters were computed under.
 const CLASSES: &str = "classes";
 
 fn seq_key(seq: u64) -> String {
     format!("journal/{seq:020}")
+}
+
+fn snapshot_key(seq: u64) -> String {
+    format!("snapshots/{seq:020}")
+}
+
+fn seq_of(k: &str) -> Option<u64> {
+    k.rsplit('/').next()?.parse().ok()
 }
 
 fn digest(s: &str) -> Result<Digest> {
@@ -82,12 +92,17 @@ pub struct JournalMeta {
     node: String,
     /// This node's journal writers, one at a time (they append at the same tail).
     writer: Mutex<()>,
+    path: std::path::PathBuf,
+    /// Entries between snapshots of the index.
+    snapshot_every: u64,
+    snapshotting: std::sync::atomic::AtomicBool,
+    me: std::sync::OnceLock<std::sync::Weak<JournalMeta>>,
 }
 
 impl JournalMeta {
     /// Opens the local index at `path` (rebuilt if it was built from another bucket) and
     /// replays what the journal holds beyond it.
-    pub fn open(path: &Path, cache_bytes: usize, b: Arc<Bucket>, node: &str) -> Result<Arc<JournalMeta>> {
+    pub fn open(path: &Path, cache_bytes: usize, b: Arc<Bucket>, node: &str, snapshot_every: u64) -> Result<Arc<JournalMeta>> {
         let source = b.describe().to_string();
         let stale = match RedbMeta::open(path, cache_bytes) {
             Ok(m) => m.get_meta(SOURCE)?.is_some_and(|s| s != source),
@@ -101,10 +116,23 @@ impl JournalMeta {
         inner.set_meta(SOURCE, &source)?;
         let hb = b.clone();
         inner.set_commit_hook(Box::new(move |tx| hook(&hb, tx)));
-        let j = Arc::new(JournalMeta { inner: Arc::new(inner), b, node: node.to_string(), writer: Mutex::new(()) });
+        let j = Arc::new(JournalMeta {
+            inner: Arc::new(inner),
+            b,
+            node: node.to_string(),
+            writer: Mutex::new(()),
+            path: path.to_path_buf(),
+            snapshot_every: snapshot_every.max(1),
+            snapshotting: std::sync::atomic::AtomicBool::new(false),
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = j.me.set(Arc::downgrade(&j));
         let t = std::time::Instant::now();
         let n = {
             let _g = j.writer.lock();
+            if j.applied()? == 0 {
+                j.load_snapshot(0)?;
+            }
             j.catch_up()?
         };
         if n > 0 {
@@ -133,6 +161,13 @@ impl JournalMeta {
             if keys.is_empty() {
                 return Ok(applied);
             }
+            if keys.first().and_then(|k| seq_of(k)).is_some_and(|first| first > from + 1) {
+                // Entries this index still needs were pruned: they are in a snapshot.
+                if self.load_snapshot(from)? {
+                    continue;
+                }
+                return Err(StoreError::Meta(format!("the metadata journal lacks entries after {from} and no snapshot covers them")));
+            }
             let bodies = self.fetch(&keys)?;
             for (expect, (k, body)) in (from + 1..).zip(keys.iter().zip(bodies)) {
                 let seq: u64 =
@@ -147,6 +182,97 @@ impl JournalMeta {
                 applied += 1;
             }
         }
+    }
+
+    /// Replaces the index with the newest snapshot in the bucket if it is beyond `applied`.
+    /// Caller holds `writer`.
+    fn load_snapshot(&self, applied: u64) -> Result<bool> {
+        let mut latest = None;
+        self.b.list("snapshots/", None, &mut |k, _| {
+            latest = Some(k.to_string());
+            true
+        })?;
+        let Some(k) = latest.filter(|k| seq_of(k).is_some_and(|s| s > applied)) else { return Ok(false) };
+        let t = std::time::Instant::now();
+        let tmp = self.path.with_extension(format!("snapshot.{}", uuid::Uuid::new_v4()));
+        let loaded = (|| -> Result<u64> {
+            if !self.b.get_file(&k, &tmp)? {
+                return Err(StoreError::Meta(format!("snapshot {k} vanished")));
+            }
+            let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&tmp)?);
+            self.inner.load(SEQ, &mut r)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        let seq = loaded?;
+        self.inner.set_meta(SNAPSHOT, &seq.to_string())?;
+        // Counters in the snapshot were grouped by the writer's configuration.
+        self.inner.set_meta(CLASSES, "")?;
+        tracing::info!(snapshot = %k, seconds = t.elapsed().as_secs_f64(), "metadata index loaded from a snapshot");
+        Ok(true)
+    }
+
+    /// Starts a snapshot in the background when enough entries were applied since the last.
+    fn maybe_snapshot(&self) {
+        let (Ok(applied), Ok(last)) = (self.applied(), self.inner.get_meta(SNAPSHOT)) else { return };
+        let last: u64 = last.and_then(|s| s.parse().ok()).unwrap_or(0);
+        if applied < last + self.snapshot_every || self.snapshotting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let spawned = std::thread::Builder::new().name("berth-snapshot".into()).spawn(move || {
+            if let Err(e) = me.snapshot() {
+                tracing::warn!(error = %e, "writing a metadata snapshot");
+            }
+            me.snapshotting.store(false, std::sync::atomic::Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.snapshotting.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Writes the index as `snapshots/<seq>`, then prunes what two snapshots cover: journal
+    /// entries up to the previous snapshot (a node that far behind loads a snapshot instead)
+    /// and older snapshots.
+    pub fn snapshot(&self) -> Result<u64> {
+        let tmp = self.path.with_extension(format!("snapshot.{}", uuid::Uuid::new_v4()));
+        let written = (|| -> Result<u64> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            let seq = self.inner.dump(SEQ, &mut w)?;
+            std::io::Write::flush(&mut w)?;
+            drop(w);
+            if seq > 0 {
+                self.b.put_file(&snapshot_key(seq), &tmp)?;
+            }
+            Ok(seq)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        let seq = written?;
+        if seq == 0 {
+            return Ok(0);
+        }
+        let prev: u64 = self.inner.get_meta(SNAPSHOT)?.and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.inner.set_meta(SNAPSHOT, &seq.to_string())?;
+        tracing::info!(seq, "metadata snapshot written");
+        if prev > 0 && prev < seq {
+            let mut old = Vec::new();
+            self.b.list("journal/", None, &mut |k, _| match seq_of(k) {
+                Some(s) if s <= prev => {
+                    old.push(k.to_string());
+                    true
+                }
+                _ => false,
+            })?;
+            self.b.list("snapshots/", None, &mut |k, _| {
+                if seq_of(k).is_some_and(|s| s < prev) {
+                    old.push(k.to_string());
+                }
+                true
+            })?;
+            for k in old {
+                self.b.delete(&k)?;
+            }
+        }
+        Ok(seq)
     }
 
     /// Fetches entries in parallel, in order.
@@ -239,6 +365,9 @@ impl JournalMeta {
             if BEHIND.with(|b| std::mem::take(&mut *b.borrow_mut())) {
                 self.catch_up()?;
                 continue;
+            }
+            if r.is_ok() {
+                self.maybe_snapshot();
             }
             return r;
         }
@@ -420,9 +549,13 @@ impl MetaStore for JournalMeta {
     }
 
     fn set_classes(&self, classes: Classes) -> Result<()> {
-        self.inner.set_classes(classes)?;
-        let _g = self.writer.lock();
-        self.catch_up().map(drop)
+        self.inner.set_classes(classes.clone())?;
+        {
+            let _g = self.writer.lock();
+            self.catch_up()?;
+        }
+        // Again, in case the catch-up loaded a snapshot counted under other groups.
+        self.inner.set_classes(classes)
     }
 
     fn usage(&self) -> Result<Usage> {

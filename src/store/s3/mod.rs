@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where the bucket is and how to sign for it (`[storage.s3]`).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct S3Settings {
     pub bucket: String,
     /// Unset: AWS.
@@ -33,6 +33,8 @@ pub struct S3Settings {
     /// Unset: the standard AWS environment and instance credentials.
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+    /// Metadata journal entries between snapshots of the index.
+    pub snapshot_every: u64,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -44,6 +46,20 @@ impl std::fmt::Debug for S3Settings {
             .field("prefix", &self.prefix)
             .field("access_key_id", &self.access_key_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            bucket: String::new(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            access_key_id: None,
+            secret_access_key: None,
+            snapshot_every: 10_000,
+        }
     }
 }
 
@@ -272,6 +288,58 @@ impl Bucket {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(self.unavailable(&format!("deleting {k}"), e)),
+        }
+    }
+
+    /// Uploads a local file (a snapshot) as one object, in parts.
+    pub fn put_file(&self, k: &str, path: &std::path::Path) -> Result<()> {
+        let (s3, key, path) = (self.s3.clone(), self.key(k), path.to_path_buf());
+        let t = Instant::now();
+        let n = std::fs::metadata(&path)?.len();
+        let r = self.run(async move {
+            use std::io::Read;
+            let upload = s3.put_multipart(&key).await?;
+            let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, blobs::PART);
+            let mut f = std::fs::File::open(&path).map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = f.read(&mut buf).map_err(|e| object_store::Error::Generic { store: "local", source: Box::new(e) })?;
+                if k == 0 {
+                    break;
+                }
+                w.wait_for_capacity(2).await?;
+                w.write(&buf[..k]);
+            }
+            w.finish().await.map(drop)
+        });
+        self.account("put_file", t, n, r).map_err(|e| self.unavailable(&format!("writing {k}"), e))
+    }
+
+    /// Downloads an object into a local file; false if it is absent.
+    pub fn get_file(&self, k: &str, path: &std::path::Path) -> Result<bool> {
+        let (s3, key, path) = (self.s3.clone(), self.key(k), path.to_path_buf());
+        let t = Instant::now();
+        let r = self.run(async move {
+            use std::io::Write;
+            let local = |e: std::io::Error| object_store::Error::Generic { store: "local", source: Box::new(e) };
+            let mut body = s3.get(&key).await?.into_stream();
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).map_err(local)?);
+            let mut n = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                n += chunk.len() as u64;
+                f.write_all(&chunk).map_err(local)?;
+            }
+            f.flush().map_err(local)?;
+            Ok(n)
+        });
+        match self.account("get_file", t, 0, r) {
+            Ok(n) => {
+                self.received(n);
+                Ok(true)
+            }
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(self.unavailable(&format!("reading {k}"), e)),
         }
     }
 
