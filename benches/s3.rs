@@ -13,7 +13,8 @@
 //!   3. push of the image with skopeo: berth on S3 vs distribution on S3 (and berth on disk)
 //!   4. peak RSS of berth during 64 concurrent downloads of the largest blob from the bucket
 //!
-//! Knobs: BENCH_SIZES_MIB ("1,64,1024"), BENCH_SECS (4), BENCH_OUT (target/bench).
+//! Knobs: BENCH_SIZES_MIB ("1,64,1024"), BENCH_SECS (4), BENCH_OUT (target/bench), BENCH_ONLY
+//! (comma list of workload numbers; the push to berth on S3 always runs, it loads the data).
 //! Needs: radosgw ceph-mon ceph-osd ceph-common docker-registry skopeo curl.
 
 #[path = "../tests/common/mod.rs"]
@@ -119,6 +120,7 @@ fn main() {
     }
     let sizes: Vec<usize> = env_or("BENCH_SIZES_MIB", "1,64,1024".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let secs: f64 = env_or("BENCH_SECS", 4.0);
+    let only: Vec<usize> = env_or("BENCH_ONLY", "1,2,3,4".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let out_dir = PathBuf::from(env_or("BENCH_OUT", common::repo_root().join("target/bench").display().to_string()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -154,55 +156,59 @@ fn main() {
 
     // 3. Push (also loads every server).
     let (t_s3, cpu_s3) = push(&image, s3.port, &s3.config_path.display().to_string());
-    let (t_local, cpu_local) = push(&image, local.port, &local.config_path.display().to_string());
-    let (t_dist, cpu_dist) = push(&image, dist.port, &dist.dir.path().join("config.yml").display().to_string());
-    eprintln!("push: berth s3 {t_s3:.2}s, berth disk {t_local:.2}s, distribution s3 {t_dist:.2}s");
-    let mib = (image.total >> 20) as f64;
-    let _ = writeln!(md, "**Push** (skopeo, one image)\n");
-    let _ = writeln!(md, "| server | seconds | MiB/s | server CPU-s | throughput vs distribution on S3 |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
-    for (name, t, cpu) in
-        [("berth, S3", t_s3, cpu_s3), ("distribution 2.8, S3", t_dist, cpu_dist), ("berth, local disk", t_local, cpu_local)]
-    {
-        let _ = writeln!(md, "| {name} | {t:.2} | {:.0} | {cpu:.2} | {} |", mib / t, ratio(t_dist, t));
+    let local_push = (only.contains(&1) || only.contains(&3)).then(|| push(&image, local.port, &local.config_path.display().to_string()));
+    if let (true, Some((t_local, cpu_local))) = (only.contains(&3), local_push) {
+        let (t_dist, cpu_dist) = push(&image, dist.port, &dist.dir.path().join("config.yml").display().to_string());
+        eprintln!("push: berth s3 {t_s3:.2}s, berth disk {t_local:.2}s, distribution s3 {t_dist:.2}s");
+        let mib = (image.total >> 20) as f64;
+        let _ = writeln!(md, "**Push** (skopeo, one image)\n");
+        let _ = writeln!(md, "| server | seconds | MiB/s | server CPU-s | throughput vs distribution on S3 |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+        for (name, t, cpu) in
+            [("berth, S3", t_s3, cpu_s3), ("distribution 2.8, S3", t_dist, cpu_dist), ("berth, local disk", t_local, cpu_local)]
+        {
+            let _ = writeln!(md, "| {name} | {t:.2} | {:.0} | {cpu:.2} | {} |", mib / t, ratio(t_dist, t));
+        }
     }
 
     // 1. Hot-tier hits against the local backend.
-    let read_all = |b: &common::Berth, d: &str| {
-        let c = reqwest::blocking::Client::new();
-        let r = c.get(format!("{}/v2/bench/img/blobs/{d}", b.url())).send().unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().unwrap().len()
-    };
-    // The push left local copies; one read makes sure the hot layer is one.
-    read_all(&s3, &hot_layer.digest);
-    let _ = writeln!(md, "\n**Hot-tier hits** (berth on S3 with the content in its hot tier, against berth on local disk)\n");
-    let _ = writeln!(md, "| workload | berth, S3 (hot) | berth, local disk | ratio |");
-    let _ = writeln!(md, "|---|---:|---:|---:|");
-    let blob_path = format!("/v2/bench/img/blobs/{}", hot_layer.digest);
-    let tag_path = "/v2/bench/img/manifests/latest".to_string();
-    let run = |b: &common::Berth, path: &str, conns: usize| {
-        let t = load::Target { port: b.port, method: "GET", path: path.to_string() };
-        rt.block_on(load::run(&t, conns, secs))
-    };
-    let (bs3, bloc) = (run(&s3, &blob_path, 8), run(&local, &blob_path, 8));
-    let _ = writeln!(
-        md,
-        "| {} MiB blob, 8 connections, GB/s | {:.2} | {:.2} | {} |",
-        hot_layer.size >> 20,
-        bs3.gbps(),
-        bloc.gbps(),
-        ratio(bs3.gbps(), bloc.gbps())
-    );
-    let (ms3, mloc) = (run(&s3, &tag_path, 64), run(&local, &tag_path, 64));
-    let _ = writeln!(
-        md,
-        "| manifest GET by tag, 64 connections, requests/s | {:.0} | {:.0} | {} |",
-        ms3.rps(),
-        mloc.rps(),
-        ratio(ms3.rps(), mloc.rps())
-    );
-    eprintln!("hot: blob {:.2} vs {:.2} GB/s, manifest {:.0} vs {:.0} req/s", bs3.gbps(), bloc.gbps(), ms3.rps(), mloc.rps());
+    if only.contains(&1) {
+        let read_all = |b: &common::Berth, d: &str| {
+            let c = reqwest::blocking::Client::new();
+            let r = c.get(format!("{}/v2/bench/img/blobs/{d}", b.url())).send().unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().unwrap().len()
+        };
+        // The push left local copies; one read makes sure the hot layer is one.
+        read_all(&s3, &hot_layer.digest);
+        let _ = writeln!(md, "\n**Hot-tier hits** (berth on S3 with the content in its hot tier, against berth on local disk)\n");
+        let _ = writeln!(md, "| workload | berth, S3 (hot) | berth, local disk | ratio |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        let blob_path = format!("/v2/bench/img/blobs/{}", hot_layer.digest);
+        let tag_path = "/v2/bench/img/manifests/latest".to_string();
+        let run = |b: &common::Berth, path: &str, conns: usize| {
+            let t = load::Target { port: b.port, method: "GET", path: path.to_string() };
+            rt.block_on(load::run(&t, conns, secs))
+        };
+        let (bs3, bloc) = (run(&s3, &blob_path, 8), run(&local, &blob_path, 8));
+        let _ = writeln!(
+            md,
+            "| {} MiB blob, 8 connections, GB/s | {:.2} | {:.2} | {} |",
+            hot_layer.size >> 20,
+            bs3.gbps(),
+            bloc.gbps(),
+            ratio(bs3.gbps(), bloc.gbps())
+        );
+        let (ms3, mloc) = (run(&s3, &tag_path, 64), run(&local, &tag_path, 64));
+        let _ = writeln!(
+            md,
+            "| manifest GET by tag, 64 connections, requests/s | {:.0} | {:.0} | {} |",
+            ms3.rps(),
+            mloc.rps(),
+            ratio(ms3.rps(), mloc.rps())
+        );
+        eprintln!("hot: blob {:.2} vs {:.2} GB/s, manifest {:.0} vs {:.0} req/s", bs3.gbps(), bloc.gbps(), ms3.rps(), mloc.rps());
+    }
 
     // 2 and 4: a node on the same bucket without a hot tier reads everything from the bucket.
     let cold_dir = tempfile::tempdir().unwrap();
@@ -220,7 +226,7 @@ fn main() {
     let direct = format!("{}/{}/{key}", var("BERTH_TEST_S3_ENDPOINT"), var("BERTH_TEST_S3_BUCKET"));
     let mut direct_runs = Vec::new();
     let mut berth_runs = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         direct_runs.push(curl(&direct, true));
         berth_runs.push(curl(&format!("{}/v2/bench/img/blobs/{}", cold.url(), largest.digest), false));
     }
@@ -232,7 +238,7 @@ fn main() {
     let (d, b) = (best(&direct_runs), best(&berth_runs));
     assert_eq!(d.2, largest.size);
     assert_eq!(b.2, largest.size);
-    let _ = writeln!(md, "\n**Cold read** of the {} MiB blob from the bucket (median of 3, curl)\n", largest.size >> 20);
+    let _ = writeln!(md, "\n**Cold read** of the {} MiB blob from the bucket (median of 5 alternating runs, curl)\n", largest.size >> 20);
     let _ = writeln!(md, "| path | first byte ms | MiB/s |");
     let _ = writeln!(md, "|---|---:|---:|");
     let _ = writeln!(md, "| gateway directly | {:.1} | {:.0} |", d.0 * 1e3, (d.2 >> 20) as f64 / d.1);
