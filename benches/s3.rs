@@ -181,7 +181,7 @@ fn main() {
         };
         // The push left local copies; one read makes sure the hot layer is one.
         read_all(&s3, &hot_layer.digest);
-        let _ = writeln!(md, "\n**Hot-tier hits** (berth on S3 with the content in its hot tier, against berth on local disk)\n");
+        let _ = writeln!(md, "\n**Hot-tier hits** (berth on S3 with the content in its hot tier, against berth on local disk; best of 3 alternating rounds)\n");
         let _ = writeln!(md, "| workload | berth, S3 (hot) | berth, local disk | ratio |");
         let _ = writeln!(md, "|---|---:|---:|---:|");
         let blob_path = format!("/v2/bench/img/blobs/{}", hot_layer.digest);
@@ -190,7 +190,22 @@ fn main() {
             let t = load::Target { port: b.port, method: "GET", path: path.to_string() };
             rt.block_on(load::run(&t, conns, secs))
         };
-        let (bs3, bloc) = (run(&s3, &blob_path, 8), run(&local, &blob_path, 8));
+        // Alternating rounds, best of three each: the gateway's own background work after the
+        // pushes must not land on one side only.
+        let pair = |path: &str, conns: usize, key: fn(&load::Totals) -> f64| {
+            let (mut a, mut b) = (run(&s3, path, conns), run(&local, path, conns));
+            for _ in 0..2 {
+                let (x, y) = (run(&s3, path, conns), run(&local, path, conns));
+                if key(&x) > key(&a) {
+                    a = x;
+                }
+                if key(&y) > key(&b) {
+                    b = y;
+                }
+            }
+            (a, b)
+        };
+        let (bs3, bloc) = pair(&blob_path, 8, load::Totals::gbps);
         let _ = writeln!(
             md,
             "| {} MiB blob, 8 connections, GB/s | {:.2} | {:.2} | {} |",
@@ -199,7 +214,7 @@ fn main() {
             bloc.gbps(),
             ratio(bs3.gbps(), bloc.gbps())
         );
-        let (ms3, mloc) = (run(&s3, &tag_path, 64), run(&local, &tag_path, 64));
+        let (ms3, mloc) = pair(&tag_path, 64, load::Totals::rps);
         let _ = writeln!(
             md,
             "| manifest GET by tag, 64 connections, requests/s | {:.0} | {:.0} | {} |",
