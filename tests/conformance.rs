@@ -4,14 +4,14 @@
 
 mod common;
 
-use common::{digest, Berth};
+use common::{digest, random_bytes, Berth};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 const NAMESPACE: &str = "[[namespace]]\nprefix = \"team\"\n";
@@ -40,21 +40,8 @@ fn start() -> Reg {
 }
 
 /// Every file below `dir`, relative to it.
-fn files_under(dir: &Path) -> BTreeSet<PathBuf> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf());
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(dir, dir, &mut out);
-    out
+fn files_under(dir: &Path) -> BTreeSet<String> {
+    common::local_files(dir).into_iter().collect()
 }
 
 /// What the store holds on disk, for "nothing was stored" checks.
@@ -64,7 +51,7 @@ struct Snapshot {
     /// The catalog: repositories with content.
     repositories: BTreeSet<String>,
     uploads: BTreeSet<String>,
-    tmp: BTreeSet<PathBuf>,
+    tmp: BTreeSet<String>,
 }
 
 impl Reg {
@@ -260,19 +247,6 @@ fn raw_header(head: &str, name: &str) -> Option<String> {
 fn raw_code(r: &Raw) -> String {
     let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&r.body)));
     v["errors"][0]["code"].as_str().unwrap().to_string()
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    // xorshift: reproducible, incompressible enough, no extra crate
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 // ---- pull ----

@@ -4,11 +4,11 @@
 mod common;
 
 use common::fake::Fake;
-use common::Berth;
+use common::{eventually, Berth};
 use reqwest::blocking::Client;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -68,18 +68,6 @@ fn blob_bytes(b: &Berth) -> u64 {
 fn berth_cmd(args: &[&str], config: &Path) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_berth")).args(args).arg("--config").arg(config).output().unwrap();
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-/// Polls `f` until it returns true, for at most `limit`.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

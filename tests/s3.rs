@@ -7,7 +7,7 @@
 mod common;
 
 use common::fake::Fake;
-use common::{backend_is_s3, digest, Berth};
+use common::{backend_is_s3, digest, eventually, Berth};
 use reqwest::blocking::Client;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,28 +21,9 @@ fn client() -> Client {
     Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
 }
 
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
-
 /// Bytes that do not repeat within a part, so a part stored in the wrong place shows.
 fn data(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2654435761).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
+    common::random_bytes(n, seed as u64)
 }
 
 fn push_blob(c: &Client, base: &str, repo: &str, data: &[u8]) -> String {

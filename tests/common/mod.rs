@@ -97,7 +97,8 @@ pub fn s3_bucket(dir: &Path) -> Option<std::sync::Arc<berth::store::s3::Bucket>>
     Some(berth::store::s3::Bucket::new(&s, Duration::from_secs(10)).unwrap())
 }
 
-fn local_files(dir: &Path) -> Vec<String> {
+/// Files under `dir`, as paths relative to it (none if it does not exist).
+pub fn local_files(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         let Ok(rd) = std::fs::read_dir(dir) else { return };
         for e in rd.flatten() {
@@ -112,6 +113,31 @@ fn local_files(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     walk(dir, dir, &mut out);
     out
+}
+
+/// Polls `f` until it returns true, for at most `limit`.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Reproducible bytes that do not compress or repeat (xorshift).
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 impl Berth {

@@ -109,21 +109,8 @@ impl RedbMeta {
     pub fn open(path: &Path, cache_bytes: usize) -> Result<RedbMeta> {
         let db = Database::builder().set_cache_size(cache_bytes).create(path)?;
         let tx = db.begin_write()?;
-        {
-            tx.open_table(META)?;
-            tx.open_table(BLOBS)?;
-            tx.open_table(LINKS)?;
-            tx.open_table(MANIFESTS)?;
-            tx.open_table(TAGS)?;
-            tx.open_table(REFERRERS)?;
-            tx.open_table(HOLDERS)?;
-            tx.open_table(REPOS)?;
-            tx.open_table(GROUP_REFS)?;
-            tx.open_table(USAGE)?;
-            tx.open_table(UPLOADS)?;
-            tx.open_table(MREFS)?;
-            tx.open_table(MREFS_OF)?;
-        }
+        tx.open_table(META)?;
+        create_tables(&tx)?;
         tx.commit()?;
         Ok(RedbMeta { db, classes: RwLock::new(Classes::default()), hook: None })
     }
@@ -177,6 +164,23 @@ impl RedbMeta {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// Creates every table but `meta` that does not exist yet.
+fn create_tables(tx: &WriteTransaction) -> Result<()> {
+    tx.open_table(BLOBS)?;
+    tx.open_table(LINKS)?;
+    tx.open_table(MANIFESTS)?;
+    tx.open_table(TAGS)?;
+    tx.open_table(REFERRERS)?;
+    tx.open_table(HOLDERS)?;
+    tx.open_table(REPOS)?;
+    tx.open_table(GROUP_REFS)?;
+    tx.open_table(USAGE)?;
+    tx.open_table(UPLOADS)?;
+    tx.open_table(MREFS)?;
+    tx.open_table(MREFS_OF)?;
+    Ok(())
 }
 
 const SNAPSHOT_MAGIC: &[u8] = b"berth-index-snapshot 1\n";
@@ -255,18 +259,7 @@ impl RedbMeta {
         tx.delete_table(MREFS)?;
         tx.delete_table(MREFS_OF)?;
         // Recreated empty: a table the snapshot has no record for must still exist.
-        tx.open_table(BLOBS)?;
-        tx.open_table(LINKS)?;
-        tx.open_table(MANIFESTS)?;
-        tx.open_table(TAGS)?;
-        tx.open_table(REFERRERS)?;
-        tx.open_table(HOLDERS)?;
-        tx.open_table(REPOS)?;
-        tx.open_table(GROUP_REFS)?;
-        tx.open_table(USAGE)?;
-        tx.open_table(UPLOADS)?;
-        tx.open_table(MREFS)?;
-        tx.open_table(MREFS_OF)?;
+        create_tables(&tx)?;
         let (mut key, mut val) = (Vec::new(), Vec::new());
         loop {
             let mut id = [0u8; 1];
