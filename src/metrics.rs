@@ -89,6 +89,9 @@ pub static HOT_TIER: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 pub static HOT_TIER_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| register_int_gauge!("berth_hot_tier_bytes", "Bytes of local copies of bucket objects").unwrap());
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_connections_refused_total", "Connections answered 503 at a connection cap, by cap", &["cap"]).unwrap()
+});
 pub static BUILD_INFO: LazyLock<IntGaugeVec> =
     LazyLock::new(|| register_int_gauge_vec!("berth_build_info", "berth version", &["version"]).unwrap());
 

@@ -142,6 +142,22 @@ fn check_bindable(key: &'static str, addr: SocketAddr) -> Result<(), StartError>
     std::net::TcpListener::bind(addr).map(drop).map_err(|source| StartError::Listen { key, addr, source })
 }
 
+/// glibc keeps freed heap in its arenas: after a flood of connections (each with its head
+/// buffer) the process would stay at its peak. Trimming hands free pages back; it costs
+/// microseconds when there is nothing to give back.
+fn return_freed_memory(every: Duration) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let _ = std::thread::Builder::new().name("berth-trim".into()).spawn(move || loop {
+        std::thread::sleep(every);
+        // SAFETY: malloc_trim only releases free memory; callable from any thread.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = every;
+}
+
 pub struct Built {
     pub server: Server,
     pub registry: Arc<Registry>,
@@ -154,6 +170,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
     if let Some(b) = store.bucket() {
         crate::store::s3::watch(b, Duration::from_secs(2));
     }
+    return_freed_memory(Duration::from_secs(10));
     crate::metrics::init(&config.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>());
     let registry = Registry::new(config.clone(), store.clone()).map_err(StartError::Auth)?;
     let conf = ServerConf {
@@ -168,7 +185,8 @@ pub fn build(config: Config) -> Result<Built, StartError> {
     let health = Arc::new(Health::default());
     let in_flight = Arc::new(InFlight::default());
     let mut plain = Vec::new();
-    let mut svc = Service::new("berth registry".to_string(), RegistryApp { registry: registry.clone(), in_flight: in_flight.clone() });
+    let app = Arc::new(RegistryApp { registry: registry.clone(), in_flight: in_flight.clone() });
+    let mut svc = Service::new("berth registry".to_string(), crate::http::front::Front { app, conns: Default::default() });
     if let Some(listen) = config.listen {
         check_bindable("server.listen", listen)?;
         svc.add_tcp(&listen.to_string());

@@ -60,6 +60,13 @@ struct ServerFile {
     min_send_rate: bytesize::ByteSize,
     #[serde(with = "humantime_serde")]
     body_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    head_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_head_bytes: bytesize::ByteSize,
+    max_connections: usize,
+    max_connections_per_address: usize,
 }
 
 impl Default for ServerFile {
@@ -75,6 +82,11 @@ impl Default for ServerFile {
             write_timeout: Duration::from_secs(30),
             min_send_rate: bytesize::ByteSize::kib(8),
             body_read_timeout: Duration::from_secs(60),
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_head_bytes: bytesize::ByteSize::kib(64),
+            max_connections: 4096,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -304,6 +316,15 @@ pub struct ClientLimits {
     pub min_send_rate: Option<u64>,
     /// A request body that sends nothing for this long ends the request.
     pub body_read_timeout: Duration,
+    /// A request head must arrive whole within this, from its first byte.
+    pub head_timeout: Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Larger request heads are answered 431.
+    pub max_head_bytes: usize,
+    /// Open connections berth accepts, in all and from one address; more are answered 503.
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
 }
 
 /// Lifecycle settings of the store.
@@ -530,6 +551,11 @@ impl Config {
             write_timeout: f.server.write_timeout,
             min_send_rate: Some(f.server.min_send_rate.as_u64()).filter(|r| *r > 0),
             body_read_timeout: f.server.body_read_timeout,
+            head_timeout: f.server.head_timeout,
+            idle_timeout: f.server.idle_timeout,
+            max_head_bytes: f.server.max_head_bytes.as_u64() as usize,
+            max_connections: f.server.max_connections.max(1),
+            max_connections_per_address: f.server.max_connections_per_address.max(1),
         };
         let auth = match (f.auth, users) {
             (Some(a), Some(users)) => Some(auth_config(a, users, policy)?),
@@ -727,15 +753,29 @@ mod tests {
             write_timeout: Duration::from_secs(30),
             min_send_rate: Some(8 << 10),
             body_read_timeout: Duration::from_secs(60),
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_head_bytes: 64 << 10,
+            max_connections: 4096,
+            max_connections_per_address: 256,
         };
         assert_eq!(c.clients, want);
-        let c = Config::parse("[server]\nwrite_timeout = \"5s\"\nmin_send_rate = \"1MiB\"\nbody_read_timeout = \"2m\"\n", "t").unwrap();
+        let c = Config::parse(
+            "[server]\nwrite_timeout = \"5s\"\nmin_send_rate = \"1MiB\"\nbody_read_timeout = \"2m\"\nhead_timeout = \"3s\"\nidle_timeout = \"20s\"\nmax_head_bytes = \"16KiB\"\nmax_connections = 100\nmax_connections_per_address = 10\n",
+            "t",
+        )
+        .unwrap();
         assert_eq!(
             c.clients,
             ClientLimits {
                 write_timeout: Duration::from_secs(5),
                 min_send_rate: Some(1 << 20),
-                body_read_timeout: Duration::from_secs(120)
+                body_read_timeout: Duration::from_secs(120),
+                head_timeout: Duration::from_secs(3),
+                idle_timeout: Duration::from_secs(20),
+                max_head_bytes: 16 << 10,
+                max_connections: 100,
+                max_connections_per_address: 10,
             }
         );
         let c = Config::parse("[server]\nmin_send_rate = \"0\"\n", "t").unwrap();

@@ -3,6 +3,7 @@
 //! `registry`, bytes in `store`.
 
 pub mod admin;
+pub mod front;
 mod sendfile;
 
 use crate::config::ClientLimits;
@@ -102,12 +103,27 @@ impl RequestBody for SessionBody<'_> {
 #[async_trait]
 impl HttpServerApp for RegistryApp {
     async fn process_new_http(self: &Arc<Self>, mut session: ServerSession, shutdown: &ShutdownWatch) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            _ => return None,
+        let limits = self.registry.config.clients;
+        // The whole head within the deadline: a client trickling header lines does not get
+        // to hold the connection and its buffer.
+        let refused = match tokio::time::timeout(limits.head_timeout, session.read_request()).await {
+            Ok(Ok(true)) => None,
+            Ok(Ok(false)) => return None,
+            Ok(Err(e)) if e.etype() == &pingora::ErrorType::InvalidHTTPHeader => Some(unreadable_head(&e.to_string())),
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                Some(OciError::msg(ErrorCode::RequestTimeout, format!("the request head did not arrive within {:?}", limits.head_timeout)))
+            }
+        };
+        let refused = refused.or_else(|| {
+            let h = session.req_header();
+            head_problem(h.version, &h.headers, head_size(h), limits.max_head_bytes)
+        });
+        if let Some(e) = refused {
+            let _ = within(Duration::from_secs(2), answer_and_close(&mut session, &e)).await;
+            return None;
         }
         let _in_flight = self.in_flight.enter();
-        let limits = self.registry.config.clients;
         session.set_read_timeout(Some(limits.body_read_timeout));
         if *shutdown.borrow() {
             session.set_keepalive(None);
@@ -168,11 +184,19 @@ impl HttpServerApp for RegistryApp {
             // request stream position is unknown.
             session.set_keepalive(None);
         }
-        let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
+        let mut settings = pingora::apps::HttpPersistentSettings::for_session(&session);
         // finish() flushes what pingora still buffers: a client that stopped reading could
         // hold it there forever.
         match within(limits.write_timeout, session.finish()).await {
-            Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, settings)),
+            Ok(Some(s)) => {
+                let (stream, pipelined) = s.into_parts();
+                if let Some(p) = pipelined {
+                    // The next request is already here: the front must not wait for it.
+                    settings.set_pipelined_prefix(p);
+                    settings.set_user_context(Box::new(front::Pipelined));
+                }
+                Some(ReusedHttpStream::new(stream, Some(settings)))
+            }
             _ => None,
         }
     }
@@ -371,12 +395,112 @@ pub async fn write_response(session: &mut ServerSession, resp: Response, head_on
     Ok(sent)
 }
 
+/// What a head pingora could not parse gets: too large (or too many headers) is 431, a
+/// transfer coding berth does not implement 501, anything else 400, each saying why.
+fn unreadable_head(why: &str) -> OciError {
+    let reason = why.rsplit("context: ").next().unwrap_or(why).trim();
+    if why.contains("larger than") || why.contains("TooManyHeaders") || why.contains("too many headers") {
+        OciError::msg(ErrorCode::HeadTooLarge, "request head too large")
+    } else if why.contains("Transfer-Encoding") {
+        OciError::msg(ErrorCode::NotImplemented, format!("{reason} (only chunked is supported)"))
+    } else {
+        OciError::msg(ErrorCode::BadRequest, format!("malformed request head: {reason}"))
+    }
+}
+
+/// Roughly the bytes of a parsed head.
+fn head_size(h: &pingora::http::RequestHeader) -> usize {
+    h.uri.to_string().len() + h.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + 16
+}
+
+/// What is wrong with a parsed request head, if anything (RFC 9112): more than `max` bytes
+/// (431), HTTP/1.1 without exactly one `Host` (400), a `Content-Length` that is not one number
+/// (400), a transfer coding other than chunked (501).
+fn head_problem(version: http::Version, headers: &http::HeaderMap, size: usize, max: usize) -> Option<OciError> {
+    use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+    if size > max {
+        return Some(OciError::msg(ErrorCode::HeadTooLarge, format!("request head too large: about {size} bytes, at most {max}")));
+    }
+    let hosts = headers.get_all(HOST).iter().count();
+    if version == http::Version::HTTP_11 && hosts == 0 {
+        return Some(OciError::msg(ErrorCode::BadRequest, "HTTP/1.1 request without Host"));
+    }
+    if hosts > 1 {
+        return Some(OciError::msg(ErrorCode::BadRequest, "more than one Host header"));
+    }
+    let lengths: Vec<&str> = headers.get_all(CONTENT_LENGTH).iter().filter_map(|v| v.to_str().ok()).collect();
+    let numbers: Option<Vec<u64>> = lengths
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim())
+        .map(|v| if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) { v.parse().ok() } else { None })
+        .collect();
+    match numbers {
+        None => return Some(OciError::msg(ErrorCode::BadRequest, "Content-Length is not a number")),
+        Some(n) if n.windows(2).any(|w| w[0] != w[1]) => {
+            return Some(OciError::msg(ErrorCode::BadRequest, "conflicting Content-Length values"))
+        }
+        _ => {}
+    }
+    for te in headers.get_all(TRANSFER_ENCODING) {
+        let codings = te.to_str().unwrap_or("?");
+        if codings.split(',').any(|c| !c.trim().eq_ignore_ascii_case("chunked")) {
+            return Some(OciError::msg(ErrorCode::NotImplemented, format!("transfer coding {codings:?} is not supported (only chunked)")));
+        }
+    }
+    None
+}
+
+/// Answers a request berth will not serve and ends the connection: after a bad head, where
+/// the next request would start is unknown.
+async fn answer_and_close(session: &mut ServerSession, e: &OciError) -> pingora::Result<()> {
+    session.set_keepalive(None);
+    let body = Bytes::from(e.to_json());
+    let mut h = ResponseHeader::build(e.status(), Some(4))?;
+    h.insert_header("Content-Type", "application/json")?;
+    h.insert_header("Content-Length", body.len().to_string())?;
+    h.insert_header("Connection", "close")?;
+    session.write_error_response(h, body).await?;
+    session.shutdown().await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn head_problems_by_rfc_9112() {
+        use http::{HeaderMap, HeaderValue, Version};
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        let status = |v, m: &HeaderMap| head_problem(v, m, 100, 1000).map(|e| e.status());
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a")])), None);
+        assert_eq!(status(Version::HTTP_10, &h(&[])), None, "HTTP/1.0 needs no Host");
+        assert_eq!(status(Version::HTTP_11, &h(&[])), Some(400));
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("host", "b")])), Some(400));
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("content-length", "1x")])), Some(400));
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("content-length", "3, 3")])), None);
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("content-length", "3, 4")])), Some(400));
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("transfer-encoding", "chunked")])), None);
+        assert_eq!(status(Version::HTTP_11, &h(&[("host", "a"), ("transfer-encoding", "gzip, chunked")])), Some(501));
+        assert_eq!(head_problem(Version::HTTP_11, &h(&[("host", "a")]), 2000, 1000).map(|e| e.status()), Some(431));
+        assert_eq!(unreadable_head("InvalidHTTPHeader context: Request header larger than 1048575").status(), 431);
+        assert_eq!(unreadable_head("InvalidHTTPHeader context: non-chunked final Transfer-Encoding").status(), 501);
+        assert_eq!(unreadable_head("InvalidHTTPHeader context: invalid token").status(), 400);
+    }
+
     use super::*;
 
     fn limits(write_timeout: u64, min_send_rate: Option<u64>) -> ClientLimits {
-        ClientLimits { write_timeout: Duration::from_secs(write_timeout), min_send_rate, body_read_timeout: Duration::from_secs(60) }
+        ClientLimits {
+            write_timeout: Duration::from_secs(write_timeout),
+            min_send_rate,
+            ..crate::config::Config::embedded_default().clients
+        }
     }
 
     #[test]

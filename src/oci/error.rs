@@ -45,6 +45,10 @@ error_codes! {
     UpstreamTimeout => ("UNAVAILABLE", 504, "upstream registry timed out"),
     InsufficientStorage => ("UNAVAILABLE", 507, "insufficient storage"),
     StorageUnavailable => ("UNAVAILABLE", 503, "storage unavailable"),
+    BadRequest => ("UNSUPPORTED", 400, "malformed request"),
+    RequestTimeout => ("UNSUPPORTED", 408, "request timeout"),
+    HeadTooLarge => ("UNSUPPORTED", 431, "request header fields too large"),
+    NotImplemented => ("UNSUPPORTED", 501, "not implemented"),
     Internal => ("UNKNOWN", 500, "internal server error"),
 }
 
