@@ -58,14 +58,20 @@ pub struct OciError {
     pub code: ErrorCode,
     pub message: String,
     pub detail: Option<serde_json::Value>,
+    /// `Retry-After` for the answer, when someone (an upstream) said when to retry.
+    pub retry_after: Option<String>,
 }
 
 impl OciError {
     pub fn new(code: ErrorCode) -> Self {
-        Self { code, message: code.default_message().to_string(), detail: None }
+        Self { code, message: code.default_message().to_string(), detail: None, retry_after: None }
     }
     pub fn msg(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), detail: None }
+        Self { code, message: message.into(), detail: None, retry_after: None }
+    }
+    pub fn with_retry_after(mut self, v: Option<String>) -> Self {
+        self.retry_after = v;
+        self
     }
     pub fn detail(mut self, detail: impl Serialize) -> Self {
         self.detail = serde_json::to_value(detail).ok();

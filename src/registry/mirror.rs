@@ -169,7 +169,7 @@ impl Mirror {
                         ));
                     }
                     Ok(r) => {
-                        let e = UpstreamError::Status(r.status().as_u16(), String::new());
+                        let e = UpstreamError::from_answer(r.status().as_u16(), r.headers(), String::new());
                         e.is_outage().then_some(e)
                     }
                     Err(e) => e.is_outage().then_some(e),
@@ -284,7 +284,7 @@ impl Mirror {
             match r.status().as_u16() {
                 200 => {}
                 404 => return Err(blob_unknown()),
-                s => return Err(UpstreamError::Status(s, String::new()).to_oci(&upstream.name)),
+                s => return Err(UpstreamError::from_answer(s, r.headers(), String::new()).to_oci(&upstream.name)),
             }
             if self.store.blob_size(d)?.is_some() {
                 self.store.link_blob(key, d, None).await?;
@@ -320,8 +320,9 @@ impl Mirror {
                     206 if from > 0 => {}
                     404 => return Err(OciError::msg(ErrorCode::BlobUnknown, format!("blob {d2} is not in {up_name}/{repo2}"))),
                     s => {
+                        let headers = r.headers().clone();
                         let body = client.error_text(r).await;
-                        return Err(UpstreamError::Status(s, body).to_oci(&up_name));
+                        return Err(UpstreamError::from_answer(s, &headers, body).to_oci(&up_name));
                     }
                 }
                 let total = r.content_length().map(|n| n.saturating_sub(skip));
@@ -428,7 +429,9 @@ impl Mirror {
             Ok(r) if r.status().as_u16() == 404 => {
                 Err(OciError::msg(ErrorCode::NameUnknown, format!("{}/{repo} does not exist upstream", upstream.name)))
             }
-            Ok(r) => self.cached_tags(req, key, UpstreamError::Status(r.status().as_u16(), String::new()), &upstream.name),
+            Ok(r) => {
+                self.cached_tags(req, key, UpstreamError::from_answer(r.status().as_u16(), r.headers(), String::new()), &upstream.name)
+            }
             Err(e) => self.cached_tags(req, key, e, &upstream.name),
         }
     }
@@ -494,8 +497,9 @@ async fn fetch_manifest(
         200 => {}
         404 => return Err(OciError::msg(ErrorCode::ManifestUnknown, format!("{up}/{repo}:{reference} does not exist upstream"))),
         s => {
+            let headers = r.headers().clone();
             let body = client.error_text(r).await;
-            return Err(UpstreamError::Status(s, body).to_oci(&up));
+            return Err(UpstreamError::from_answer(s, &headers, body).to_oci(&up));
         }
     }
     let media_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string());

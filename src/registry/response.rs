@@ -60,7 +60,9 @@ impl Response {
     }
     pub fn error(e: &OciError) -> Self {
         let mut r = Response::new(e.status()).json(e.to_json().into());
-        if e.status() == 429 || e.status() == 503 {
+        if let Some(v) = &e.retry_after {
+            r = r.header("Retry-After", v.clone());
+        } else if e.status() == 429 || e.status() == 503 {
             r = r.header("Retry-After", "10");
         }
         r

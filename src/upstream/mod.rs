@@ -54,6 +54,8 @@ pub enum UpstreamError {
     Timeout,
     /// The upstream answered with an error status.
     Status(u16, String),
+    /// 429, with the upstream's `Retry-After` as sent.
+    RateLimited(Option<String>),
     /// A body berth reads into memory passed its cap; reading stopped there.
     TooLarge {
         what: &'static str,
@@ -62,12 +64,23 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The error for an upstream answer with status `s` (read the body first, if wanted):
+    /// a 429 keeps the upstream's `Retry-After`.
+    pub fn from_answer(s: u16, headers: &http::HeaderMap, body: String) -> UpstreamError {
+        if s == 429 {
+            let after = headers.get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(|v| v.chars().take(64).collect());
+            return UpstreamError::RateLimited(after);
+        }
+        UpstreamError::Status(s, body)
+    }
+
     /// True for failures where a cached copy should be served instead: the upstream is down,
     /// slow, overloaded or rate-limiting.
     pub fn is_outage(&self) -> bool {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
             UpstreamError::Status(s, _) => *s >= 500 || *s == 429,
+            UpstreamError::RateLimited(_) => true,
             UpstreamError::TooLarge { .. } => false,
         }
     }
@@ -81,6 +94,10 @@ impl UpstreamError {
             UpstreamError::Timeout => OciError::msg(ErrorCode::UpstreamTimeout, format!("upstream {upstream} did not answer in time")),
             UpstreamError::Status(429, _) => {
                 OciError::msg(ErrorCode::TooManyRequests, format!("upstream {upstream} is rate-limiting berth; retry later"))
+            }
+            UpstreamError::RateLimited(after) => {
+                OciError::msg(ErrorCode::TooManyRequests, format!("upstream {upstream} is rate-limiting berth; retry later"))
+                    .with_retry_after(after.clone())
             }
             UpstreamError::Status(s @ (401 | 403), _) => {
                 OciError::msg(ErrorCode::Denied, format!("upstream {upstream} refused access ({s}); check berth's credentials for it"))

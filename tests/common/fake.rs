@@ -221,7 +221,9 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
             continue;
         }
         if let Some(Fault::Status(s)) = fault {
-            respond(&mut sock, s, &[], br#"{"errors":[{"code":"UNAVAILABLE","message":"fault"}]}"#, head).await?;
+            // A rate limit says when to come back, as Docker Hub does.
+            let after: Vec<(&str, String)> = if s == 429 { vec![("Retry-After", "37".to_string())] } else { vec![] };
+            respond(&mut sock, s, &after, br#"{"errors":[{"code":"UNAVAILABLE","message":"fault"}]}"#, head).await?;
             continue;
         }
         if require_token && !headers.get("authorization").is_some_and(|a| a.starts_with("Bearer tok-")) {
