@@ -203,6 +203,8 @@ fn the_hot_tier_stays_within_its_bound() {
 struct Gate {
     port: u16,
     open: Arc<AtomicBool>,
+    /// New connections answered `503 SlowDown` (then closed) before forwarding resumes.
+    slow_down: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Gate {
@@ -212,12 +214,26 @@ impl Gate {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
-        let o = open.clone();
+        let slow_down = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (o, sd) = (open.clone(), slow_down.clone());
         std::thread::spawn(move || {
             for s in l.incoming() {
-                let Ok(client) = s else { continue };
+                let Ok(mut client) = s else { continue };
                 if !o.load(Ordering::SeqCst) {
                     drop(client);
+                    continue;
+                }
+                if sd.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                    // What S3 engines answer when overloaded: the client must back off and retry.
+                    let mut head = [0u8; 8192];
+                    let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = client.read(&mut head);
+                    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                    let _ = write!(
+                        client,
+                        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(&target) else { continue };
@@ -252,7 +268,7 @@ impl Gate {
                 std::thread::spawn(move || pipe(s2, c2, o3));
             }
         });
-        Gate { port, open }
+        Gate { port, open, slow_down }
     }
 }
 
@@ -288,6 +304,14 @@ fn a_bucket_outage_is_a_clear_503_reads_of_hot_blobs_go_on_and_work_resumes_by_i
 
     gate.open.store(true, Ordering::SeqCst);
     assert!(eventually(Duration::from_secs(15), || ready(&b) == 200), "ready again by itself");
+    // An engine that answers 503 SlowDown a few times (to whichever requests come first: the
+    // push's or the readiness check's): berth backs off and retries, and the push succeeds.
+    gate.open.store(false, Ordering::SeqCst);
+    assert!(eventually(Duration::from_secs(5), || ready(&b) == 503), "pooled connections cut");
+    gate.slow_down.store(3, Ordering::SeqCst);
+    gate.open.store(true, Ordering::SeqCst);
+    push_image(&c, &b.url(), "team/app", "v3", b"pushed through SlowDown answers");
+    assert_eq!(gate.slow_down.load(Ordering::SeqCst), 0, "the SlowDown answers were met and retried past");
     push_image(&c, &b.url(), "team/app", "v2", b"after the outage");
     // The refused push may have stored its (verified, complete) bytes before the metadata
     // write failed; never anything partial, and it is not part of the repository.
