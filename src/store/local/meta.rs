@@ -260,36 +260,52 @@ impl RedbMeta {
         tx.delete_table(MREFS_OF)?;
         // Recreated empty: a table the snapshot has no record for must still exist.
         create_tables(&tx)?;
-        let (mut key, mut val) = (Vec::new(), Vec::new());
-        loop {
-            let mut id = [0u8; 1];
-            if r.read(&mut id)? == 0 {
-                break;
-            }
-            let mut n4 = [0u8; 4];
-            r.read_exact(&mut n4)?;
-            key.resize(u32::from_le_bytes(n4) as usize, 0);
-            r.read_exact(&mut key)?;
-            r.read_exact(&mut n4)?;
-            val.resize(u32::from_le_bytes(n4) as usize, 0);
-            r.read_exact(&mut val)?;
-            let k = std::str::from_utf8(&key).map_err(|_| bad("a key is not UTF-8"))?;
-            let num = || -> Result<u64> { Ok(u64::from_le_bytes(val.as_slice().try_into().map_err(|_| bad("a number is not 8 bytes"))?)) };
-            let text = || std::str::from_utf8(&val).map_err(|_| bad("a text value is not UTF-8"));
-            match id[0] {
-                1 => drop(tx.open_table(BLOBS)?.insert(k, val.as_slice())?),
-                2 => drop(tx.open_table(LINKS)?.insert(k, num()?)?),
-                3 => drop(tx.open_table(MANIFESTS)?.insert(k, val.as_slice())?),
-                4 => drop(tx.open_table(TAGS)?.insert(k, text()?)?),
-                5 => drop(tx.open_table(REFERRERS)?.insert(k, ())?),
-                6 => drop(tx.open_table(HOLDERS)?.insert(k, ())?),
-                7 => drop(tx.open_table(REPOS)?.insert(k, num()?)?),
-                8 => drop(tx.open_table(GROUP_REFS)?.insert(k, num()?)?),
-                9 => drop(tx.open_table(USAGE)?.insert(k, num()?)?),
-                10 => drop(tx.open_table(UPLOADS)?.insert(k, val.as_slice())?),
-                11 => drop(tx.open_table(MREFS)?.insert(k, num()?)?),
-                12 => drop(tx.open_table(MREFS_OF)?.insert(k, text()?)?),
-                other => return Err(bad(&format!("unknown table {other}"))),
+        {
+            // Every table open once for the whole load, not per record.
+            let mut blobs = tx.open_table(BLOBS)?;
+            let mut links = tx.open_table(LINKS)?;
+            let mut manifests = tx.open_table(MANIFESTS)?;
+            let mut tags = tx.open_table(TAGS)?;
+            let mut referrers = tx.open_table(REFERRERS)?;
+            let mut holders = tx.open_table(HOLDERS)?;
+            let mut repos = tx.open_table(REPOS)?;
+            let mut group_refs = tx.open_table(GROUP_REFS)?;
+            let mut usage = tx.open_table(USAGE)?;
+            let mut uploads = tx.open_table(UPLOADS)?;
+            let mut mrefs = tx.open_table(MREFS)?;
+            let mut mrefs_of = tx.open_table(MREFS_OF)?;
+            let (mut key, mut val) = (Vec::new(), Vec::new());
+            loop {
+                let mut id = [0u8; 1];
+                if r.read(&mut id)? == 0 {
+                    break;
+                }
+                let mut n4 = [0u8; 4];
+                r.read_exact(&mut n4)?;
+                key.resize(u32::from_le_bytes(n4) as usize, 0);
+                r.read_exact(&mut key)?;
+                r.read_exact(&mut n4)?;
+                val.resize(u32::from_le_bytes(n4) as usize, 0);
+                r.read_exact(&mut val)?;
+                let k = std::str::from_utf8(&key).map_err(|_| bad("a key is not UTF-8"))?;
+                let num =
+                    || -> Result<u64> { Ok(u64::from_le_bytes(val.as_slice().try_into().map_err(|_| bad("a number is not 8 bytes"))?)) };
+                let text = || std::str::from_utf8(&val).map_err(|_| bad("a text value is not UTF-8"));
+                match id[0] {
+                    1 => drop(blobs.insert(k, val.as_slice())?),
+                    2 => drop(links.insert(k, num()?)?),
+                    3 => drop(manifests.insert(k, val.as_slice())?),
+                    4 => drop(tags.insert(k, text()?)?),
+                    5 => drop(referrers.insert(k, ())?),
+                    6 => drop(holders.insert(k, ())?),
+                    7 => drop(repos.insert(k, num()?)?),
+                    8 => drop(group_refs.insert(k, num()?)?),
+                    9 => drop(usage.insert(k, num()?)?),
+                    10 => drop(uploads.insert(k, val.as_slice())?),
+                    11 => drop(mrefs.insert(k, num()?)?),
+                    12 => drop(mrefs_of.insert(k, text()?)?),
+                    other => return Err(bad(&format!("unknown table {other}"))),
+                }
             }
         }
         Self::set_meta_in(&tx, seq_key, &seq.to_string())?;
