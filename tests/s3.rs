@@ -432,3 +432,58 @@ fn snapshots_bound_the_journal_and_a_new_node_starts_from_one() {
     fsck.args(["fsck", "--config"]).arg(&b.config_path);
     common::cmd::run(&mut fsck, Duration::from_secs(120)).expect_ok();
 }
+
+/// The `[storage.s3] prefix = ...` line of a berth's config.
+fn s3_prefix_line(b: &Berth) -> String {
+    std::fs::read_to_string(&b.config_path).unwrap().lines().find(|l| l.starts_with("prefix = \"t/")).unwrap().to_string()
+}
+
+#[test]
+fn two_nodes_on_one_bucket_see_each_others_writes_and_continue_each_others_uploads() {
+    if !backend_is_s3() {
+        return;
+    }
+    let a = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    let line = s3_prefix_line(&a);
+    let b = Berth::start_edited("[[namespace]]\nprefix = \"team\"\n", |t| {
+        let own = t.lines().find(|l| l.starts_with("prefix = \"t/")).unwrap().to_string();
+        t.replace(&own, &line)
+    });
+    let c = client();
+    let digest_at = |n: &Berth, tag: &str| {
+        let r = c.get(format!("{}/v2/team/app/manifests/{tag}", n.url())).send().unwrap();
+        (r.status() == 200).then(|| r.headers()["docker-content-digest"].to_str().unwrap().to_string())
+    };
+    // A push through one node is served by the other within the journal's follow interval.
+    let v1 = push_image(&c, &a.url(), "team/app", "v1", b"first layer");
+    assert!(eventually(Duration::from_secs(10), || digest_at(&b, "v1").as_deref() == Some(v1.as_str())));
+    // A tag moved through the other node: the first stops serving what it had cached.
+    assert_eq!(digest_at(&a, "v1").as_deref(), Some(v1.as_str()));
+    let v1b = push_image(&c, &b.url(), "team/app", "v1", b"second layer");
+    assert!(eventually(Duration::from_secs(10), || digest_at(&a, "v1").as_deref() == Some(v1b.as_str())));
+
+    // One chunked upload, its requests spread over both nodes as a round robin would.
+    let blob = data((9 << 20) + 777, 21);
+    let r = c.post(format!("{}/v2/team/app/blobs/uploads/", a.url())).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let cuts = [0usize, 8_500_000, 9_200_000, blob.len()];
+    for (i, node) in [&b, &a, &b].into_iter().enumerate() {
+        let r = c
+            .patch(format!("{}{loc}", node.url()))
+            .header("Content-Range", format!("{}-{}", cuts[i], cuts[i + 1] - 1))
+            .header("Content-Type", "application/octet-stream")
+            .body(blob[cuts[i]..cuts[i + 1]].to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202, "PATCH {i}: {}", r.text().unwrap());
+        assert_eq!(r.headers()["range"], format!("0-{}", cuts[i + 1] - 1).as_str());
+    }
+    let r = c.get(format!("{}{loc}", a.url())).send().unwrap();
+    assert_eq!(r.headers()["range"], format!("0-{}", blob.len() - 1).as_str(), "the status on the node that did not see the last PATCH");
+    let d = digest(&blob);
+    let r = c.put(format!("{}{loc}?digest={d}", a.url())).send().unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap());
+    assert!(eventually(Duration::from_secs(10), || c.head(format!("{}/v2/team/app/blobs/{d}", b.url())).send().unwrap().status() == 200));
+    assert_eq!(get_blob(&c, &b.url(), "team/app", &d), blob);
+}

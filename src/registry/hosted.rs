@@ -283,7 +283,7 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
     let handle = uploads.get(id, repo.as_str())?;
     if matches!(*req.method, Method::GET | Method::HEAD) {
         if let Ok(s) = handle.try_lock() {
-            if !s.needs_rehash() {
+            if !s.needs_rehash() && !uploads.shared() {
                 uploads.check(&s, repo.as_str())?;
                 return Ok(upload_headers(Response::new(204), repo, id, s.offset()));
             }

@@ -228,7 +228,16 @@ impl Store {
             settings.snapshot_every,
         )?;
         let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot.clone());
-        Self::build(Arc::new(blobs), meta, limits, Some((bucket, hot)))
+        let store = Self::build(Arc::new(blobs), meta.clone(), limits, Some((bucket, hot)))?;
+        let weak = Arc::downgrade(&store);
+        meta.on_replay(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                // Tags and manifests changed by another node: forget what was cached.
+                s.reads.changed(Changed::Everything);
+            }
+        }));
+        meta.follow(std::time::Duration::from_secs(1));
+        Ok(store)
     }
 
     /// The bucket behind the store, if it is on S3.

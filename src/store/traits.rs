@@ -185,6 +185,12 @@ pub trait BlobStore: Send + Sync {
     /// caller reads that instead). Private to berth's user where the backend has modes.
     fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool>;
 
+    /// Other processes (nodes on the same bucket) may append to the same upload sessions, so
+    /// what this process remembers of a session must be checked against the store.
+    fn shared(&self) -> bool {
+        false
+    }
+
     // Upload session data: appended across requests, published as a blob at the end.
     fn upload_create(&self, id: &str) -> Result<()>;
     fn upload_appender(&self, id: &str) -> Result<Box<dyn UploadWriter>>;

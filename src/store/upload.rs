@@ -195,6 +195,13 @@ impl Uploads {
     /// of a session resumed after a restart (on a blocking thread).
     pub async fn ready(&self, s: &mut Session, repo: &str) -> Result<()> {
         self.check(s, repo)?;
+        if s.hasher.is_some() && self.blobs.shared() {
+            // Another node may have appended since this one last saw the session.
+            let (b, id) = (self.blobs.clone(), s.id.clone());
+            if blocking(move || b.upload_len(&id)).await? != Some(s.offset) {
+                s.hasher = None;
+            }
+        }
         if s.hasher.is_none() {
             let (b, id) = (self.blobs.clone(), s.id.clone());
             let (h, n) = blocking(move || b.upload_hasher(&id)?.ok_or_else(|| unknown(&id))).await?;
@@ -321,6 +328,11 @@ impl Uploads {
         .await;
         self.remove_locked(s).await;
         result
+    }
+
+    /// Whether sessions may be continued by other nodes (their state is checked on each use).
+    pub fn shared(&self) -> bool {
+        self.blobs.shared()
     }
 
     /// Ids and last-activity times of every session, for expiry.

@@ -646,6 +646,10 @@ impl BlobStore for S3Blobs {
         self.b.put(name, Bytes::copy_from_slice(data), true)
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn upload_create(&self, id: &str) -> Result<()> {
         let st = SessionState::default();
         self.b.put(&Self::upload_key(id, "state"), Bytes::from(serde_json::to_vec(&st)?), true)?;

@@ -97,6 +97,8 @@ pub struct JournalMeta {
     snapshot_every: u64,
     snapshotting: std::sync::atomic::AtomicBool,
     me: std::sync::OnceLock<std::sync::Weak<JournalMeta>>,
+    /// Told when entries written elsewhere were applied (the facade drops what it cached).
+    on_replay: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl JournalMeta {
@@ -125,6 +127,7 @@ impl JournalMeta {
             snapshot_every: snapshot_every.max(1),
             snapshotting: std::sync::atomic::AtomicBool::new(false),
             me: std::sync::OnceLock::new(),
+            on_replay: std::sync::OnceLock::new(),
         });
         let _ = j.me.set(Arc::downgrade(&j));
         let t = std::time::Instant::now();
@@ -144,12 +147,46 @@ impl JournalMeta {
         Ok(j)
     }
 
+    /// Calls `f` whenever writes made elsewhere (another node, an offline command) have been
+    /// applied to the index.
+    pub fn on_replay(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_replay.set(f);
+    }
+
+    /// Applies other writers' entries every `every` while the store lives, so a node serves
+    /// what another one wrote within about that long without writing itself.
+    pub fn follow(self: &Arc<Self>, every: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("berth-journal".into()).spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(j) = weak.upgrade() else { return };
+            let r = {
+                let _g = j.writer.lock();
+                j.catch_up()
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "following the metadata journal");
+            }
+        });
+    }
+
     pub fn applied(&self) -> Result<u64> {
         Ok(self.inner.get_meta(SEQ)?.and_then(|s| s.parse().ok()).unwrap_or(0))
     }
 
-    /// Applies the journal's entries beyond what this index holds. Caller holds `writer`.
+    /// Applies the journal's entries beyond what this index holds, and tells the facade if
+    /// there were any. Caller holds `writer`.
     fn catch_up(&self) -> Result<usize> {
+        let n = self.catch_up_entries()?;
+        if n > 0 {
+            if let Some(f) = self.on_replay.get() {
+                f();
+            }
+        }
+        Ok(n)
+    }
+
+    fn catch_up_entries(&self) -> Result<usize> {
         let mut applied = 0;
         loop {
             let from = self.applied()?;
@@ -537,6 +574,14 @@ impl MetaStore for JournalMeta {
     }
 
     fn upload(&self, id: &str) -> Result<Option<UploadRec>> {
+        if let Some(r) = self.inner.upload(id)? {
+            return Ok(Some(r));
+        }
+        // Opened at another node, perhaps a moment ago: look at the journal before saying no.
+        {
+            let _g = self.writer.lock();
+            self.catch_up()?;
+        }
         self.inner.upload(id)
     }
 
