@@ -28,7 +28,7 @@ pub async fn handle(
                     Reference::Digest(d) => d.clone(),
                 };
                 let meta = store.manifest_meta(r, &d)?.ok_or_else(|| manifest_unknown(repo, reference))?;
-                serve::manifest(store, &d, &meta)
+                serve::manifest(store, &d, &meta).await
             }
             Method::PUT => put_manifest(reg, req, repo, reference, body).await,
             Method::DELETE => {
@@ -280,7 +280,7 @@ fn range_mismatch(repo: &RepoName, id: &str, offset: u64, want: u64, got: u64, l
 
 async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, body: &mut dyn RequestBody) -> Result<Response, OciError> {
     let uploads = &reg.store.uploads;
-    let handle = uploads.get(id, repo.as_str())?;
+    let handle = uploads.get(id, repo.as_str()).await?;
     if matches!(*req.method, Method::GET | Method::HEAD) {
         if let Ok(s) = handle.try_lock() {
             if !s.needs_rehash() && !uploads.shared() {
@@ -290,7 +290,7 @@ async fn upload(reg: &Registry, req: &Request<'_>, repo: &RepoName, id: &str, bo
         } else {
             // A PATCH holds the session: answer with what has reached the disk so far rather
             // than wait for a client that may be slow.
-            let offset = uploads.stored_len(id, repo.as_str())?;
+            let offset = uploads.stored_len(id, repo.as_str()).await?;
             return Ok(upload_headers(Response::new(204), repo, id, offset));
         }
     }

@@ -117,12 +117,12 @@ impl Mirror {
                     self.store.cache_used(d);
                     count("hit");
                     outcome.cache = Some("hit");
-                    return serve::manifest(&self.store, d, &meta).map(|r| cache_header(r, "hit"));
+                    return serve::manifest(&self.store, d, &meta).await.map(|r| cache_header(r, "hit"));
                 }
                 let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
                 count(result);
                 outcome.cache = Some(result);
-                serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result))
+                serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, result))
             }
             Reference::Tag(tag) => {
                 let tag_key = format!("{key}:{tag}");
@@ -135,14 +135,14 @@ impl Mirror {
                     self.tag_checked.insert(tag_key, Instant::now());
                     count(result);
                     outcome.cache = Some(result);
-                    return serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result));
+                    return serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, result));
                 };
                 let fresh = self.tag_checked.get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
                 if fresh {
                     self.store.cache_used(&cd);
                     count("hit");
                     outcome.cache = Some("hit");
-                    return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
+                    return serve::manifest(&self.store, &cd, &cmeta).await.map(|r| cache_header(r, "hit"));
                 }
                 // Revalidate with a HEAD: same digest → still good.
                 let client = self.client(upstream);
@@ -155,7 +155,7 @@ impl Mirror {
                             self.tag_checked.insert(tag_key, Instant::now());
                             count("hit");
                             outcome.cache = Some("hit");
-                            return serve::manifest(&self.store, &cd, &cmeta).map(|r| cache_header(r, "hit"));
+                            return serve::manifest(&self.store, &cd, &cmeta).await.map(|r| cache_header(r, "hit"));
                         }
                         None
                     }
@@ -175,17 +175,17 @@ impl Mirror {
                     Err(e) => e.is_outage().then_some(e),
                 };
                 if let Some(e) = outage {
-                    return self.stale(upstream, &cd, &cmeta, &e, outcome);
+                    return self.stale(upstream, &cd, &cmeta, &e, outcome).await;
                 }
                 match self.fetch_manifest(upstream, repo, key, reference).await {
                     Ok((d, meta, _, result)) => {
                         self.tag_checked.insert(tag_key, Instant::now());
                         count(result);
                         outcome.cache = Some(result);
-                        serve::manifest(&self.store, &d, &meta).map(|r| cache_header(r, result))
+                        serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, result))
                     }
                     Err(e) if e.status() >= 500 || e.status() == 429 => {
-                        self.stale(upstream, &cd, &cmeta, &UpstreamError::Status(e.status(), e.message.clone()), outcome)
+                        self.stale(upstream, &cd, &cmeta, &UpstreamError::Status(e.status(), e.message.clone()), outcome).await
                     }
                     Err(e) => Err(e),
                 }
@@ -193,7 +193,7 @@ impl Mirror {
         }
     }
 
-    fn stale(
+    async fn stale(
         &self,
         upstream: &Upstream,
         d: &Digest,
@@ -205,7 +205,7 @@ impl Mirror {
         metrics::CACHE_REQUESTS.with_label_values(&["manifest", "stale"]).inc();
         metrics::STALE_SERVED.with_label_values(&[upstream.name.as_str()]).inc();
         outcome.cache = Some("stale");
-        Ok(cache_header(serve::manifest(&self.store, d, meta)?, "stale").header("Warning", "110 berth \"Response is Stale\""))
+        Ok(cache_header(serve::manifest(&self.store, d, meta).await?, "stale").header("Warning", "110 berth \"Response is Stale\""))
     }
 
     /// Fetches a manifest (coalesced with concurrent fetches of the same reference), verifies

@@ -4,10 +4,12 @@
 use super::{Body, Response};
 use crate::oci::{Digest, ErrorCode, OciError};
 use crate::store::{BlobBody, ManifestMeta, Store};
+use std::sync::Arc;
 
-pub fn manifest(store: &Store, d: &Digest, meta: &ManifestMeta) -> Result<Response, OciError> {
+pub async fn manifest(store: &Arc<Store>, d: &Digest, meta: &ManifestMeta) -> Result<Response, OciError> {
     let bytes = store
-        .manifest_bytes(d)?
+        .manifest_body(d)
+        .await?
         .ok_or_else(|| OciError::msg(ErrorCode::ManifestUnknown, format!("manifest {d} is indexed but its bytes are missing")))?;
     Ok(Response::new(200)
         .header("Content-Type", meta.media_type.clone())

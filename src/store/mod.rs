@@ -537,6 +537,16 @@ impl Store {
     }
 
     /// The manifest bytes, from memory or from the blob store.
+    /// A manifest's bytes for an answer: from memory, or read on a blocking thread (an object
+    /// store's GET must not hold a worker).
+    pub async fn manifest_body(self: &Arc<Self>, d: &Digest) -> Result<Option<Bytes>> {
+        if let Some(b) = self.manifest_bytes.get(d) {
+            return Ok(Some(b));
+        }
+        let (s, d) = (self.clone(), d.clone());
+        blocking(move || s.manifest_bytes(&d)).await
+    }
+
     pub fn manifest_bytes(&self, d: &Digest) -> Result<Option<Bytes>> {
         if let Some(b) = self.manifest_bytes.get(d) {
             return Ok(Some(b));

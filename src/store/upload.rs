@@ -154,11 +154,14 @@ impl Uploads {
     }
 
     /// The session `id`, which must belong to `repo`.
-    pub fn get(&self, id: &str, repo: &str) -> Result<SessionHandle> {
+    pub async fn get(&self, id: &str, repo: &str) -> Result<SessionHandle> {
         if let Some(s) = self.live.lock().get(id).cloned() {
             return Ok(s);
         }
-        let rec = self.meta.upload(id)?.ok_or_else(|| unknown(id))?;
+        // Off the workers: a shared store may look in the bucket for a session another node
+        // opened.
+        let (m, idc) = (self.meta.clone(), id.to_string());
+        let rec = blocking(move || m.upload(&idc)).await?.ok_or_else(|| unknown(id))?;
         if rec.repo != repo {
             return Err(unknown(id));
         }
@@ -184,11 +187,13 @@ impl Uploads {
 
     /// The bytes of session `id` (of `repo`) on disk, without waiting for a request that holds
     /// the session.
-    pub fn stored_len(&self, id: &str, repo: &str) -> Result<u64> {
-        match self.meta.upload(id)? {
-            Some(rec) if rec.repo == repo => self.blobs.upload_len(id)?.ok_or_else(|| unknown(id)),
-            _ => Err(unknown(id)),
-        }
+    pub async fn stored_len(&self, id: &str, repo: &str) -> Result<u64> {
+        let (m, b, idc, repo) = (self.meta.clone(), self.blobs.clone(), id.to_string(), repo.to_string());
+        blocking(move || match m.upload(&idc)? {
+            Some(rec) if rec.repo == repo => b.upload_len(&idc)?.ok_or_else(|| unknown(&idc)),
+            _ => Err(unknown(&idc)),
+        })
+        .await
     }
 
     /// Checks that the locked session is still open and belongs to `repo`, and hashes the data
