@@ -25,6 +25,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::{env_or, Rng};
 #[path = "common/http1.rs"]
 mod http1;
 
@@ -47,37 +51,12 @@ const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 /// The target: `GET /v2/` p99 in milliseconds.
 const TARGET_P99_MS: f64 = 20.0;
 
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
-
 fn out_dir() -> PathBuf {
     PathBuf::from(env_or("BENCH_OUT", common::repo_root().join("target/bench").display().to_string()))
 }
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-// ---- a small deterministic generator (no rand crate) ----
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
 }
 
 fn sha256_digest(data: &[u8]) -> String {

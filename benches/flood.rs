@@ -17,6 +17,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::env_or;
 #[path = "hot/procs.rs"]
 #[allow(dead_code)]
 mod procs;
@@ -28,10 +32,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
 
 fn rss_mib(pids: &[u32]) -> f64 {
     pids.iter()

@@ -14,16 +14,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::{env_list, env_or, seed, Rng};
 
 use common::distribution::{Options, Registry};
 use futures::StreamExt;
 use sha2::Digest as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
 
 struct Round {
     peer: &'static str,
@@ -46,7 +46,7 @@ fn main() {
         }
     }
     let size = env_or("BENCH_BLOB_MIB", 64usize) << 20;
-    let clients: Vec<usize> = env_or("BENCH_CLIENTS", "1,16,64".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let clients = env_list("BENCH_CLIENTS", "1,16,64");
     let mibps: Option<f64> = std::env::var("BENCH_UPSTREAM_MIBPS").ok().and_then(|v| v.parse().ok());
 
     // Clients and servers share the machine: other work running at the same time shows here.
@@ -95,16 +95,9 @@ fn main() {
 }
 
 fn random_blob(size: usize) -> Vec<u8> {
-    // Not cryptographic, just distinct per round and incompressible enough.
-    let mut x: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    let mut v = Vec::with_capacity(size);
-    while v.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(size);
+    // Distinct per round and incompressible enough.
+    let mut v = vec![0u8; size];
+    Rng(seed()).fill(&mut v);
     v
 }
 

@@ -19,6 +19,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::{env_list, env_or};
 #[path = "hot/image.rs"]
 mod image;
 #[path = "hot/load.rs"]
@@ -33,10 +37,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
 
 /// The gateway, stopped when the run ends.
 struct Rgw {
@@ -118,9 +118,9 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let sizes: Vec<usize> = env_or("BENCH_SIZES_MIB", "1,64,1024".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let sizes = env_list("BENCH_SIZES_MIB", "1,64,1024");
     let secs: f64 = env_or("BENCH_SECS", 4.0);
-    let only: Vec<usize> = env_or("BENCH_ONLY", "1,2,3,4".to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let only = env_list("BENCH_ONLY", "1,2,3,4");
     let out_dir = PathBuf::from(env_or("BENCH_OUT", common::repo_root().join("target/bench").display().to_string()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

@@ -17,6 +17,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::{env_or, Rng};
 #[path = "common/http1.rs"]
 mod http1;
 
@@ -44,28 +48,6 @@ const RSS_MIB: f64 = 512.0;
 const METRICS_MS: f64 = 20.0;
 const TAGS_MS: f64 = 5.0;
 const CATALOG_MS: f64 = 5.0;
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
-
-// ---- a small deterministic generator (no rand crate) ----
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 // ---- generation ----
 

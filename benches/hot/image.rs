@@ -1,6 +1,7 @@
 //! The benchmarks' test image: an OCI layout of random layers (skopeo pushes it as is).
 #![allow(dead_code)]
 
+use crate::util::{seed, Rng};
 use sha2::Digest as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -84,24 +85,6 @@ impl Image {
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         let total = layers.iter().map(|l| l.size).sum::<u64>() + config.len() as u64 + manifest.len() as u64;
         Image { dir: dir.to_path_buf(), layers, manifest, manifest_digest, total }
-    }
-}
-
-pub fn seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-}
-
-/// xorshift64: fast, and enough to defeat compression and deduplication.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn fill(&mut self, out: &mut [u8]) {
-        for c in out.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            c.copy_from_slice(&self.0.to_le_bytes()[..c.len()]);
-        }
     }
 }
 

@@ -20,6 +20,10 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "../common/util.rs"]
+#[allow(dead_code)]
+mod util;
+use util::{env_list, env_or};
 mod image;
 mod load;
 mod procs;
@@ -31,14 +35,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
-}
-
-fn env_list(k: &str, d: &str) -> Vec<usize> {
-    env_or(k, d.to_string()).split(',').filter_map(|s| s.trim().parse().ok()).collect()
-}
 
 /// A server under test: where it listens and which processes are it.
 struct Server {
