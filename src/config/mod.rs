@@ -805,4 +805,27 @@ mod tests {
         }
         assert!(n >= 1);
     }
+
+    #[test]
+    fn s3_settings_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s3-secret");
+        std::fs::write(&secret, "sk\n").unwrap();
+        let good = format!(
+            "[storage]\nhot_tier_bytes = \"1GiB\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:7480\"\nprefix = \"r/\"\naccess_key_id = \"ak\"\nsecret_access_key_file = \"{}\"\n",
+            secret.display()
+        );
+        let c = Config::parse(&good, "t").unwrap();
+        let s3 = c.s3.as_ref().unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.region.as_str(), s3.secret_access_key.as_deref()), ("b", "us-east-1", Some("sk")));
+        assert_eq!((c.hot_tier_bytes, s3.snapshot_every), (1 << 30, 10_000));
+        assert!(!format!("{s3:?}").contains("sk\""), "the secret is not printed");
+        let err = |text: &str| Config::parse(text, "t").unwrap_err().to_string();
+        assert!(err(&good.replace("bucket = \"b\"", "bucket = \"\"")).contains("storage.s3.bucket"));
+        assert!(err(&good.replace("http://127.0.0.1:7480", "ftp://x")).contains("storage.s3.endpoint"));
+        let no_file = good.lines().filter(|l| !l.starts_with("secret_access_key_file")).collect::<Vec<_>>().join("\n");
+        assert!(err(&no_file).contains("storage.s3.access_key_id"));
+        assert!(err(&good.replace(&secret.display().to_string(), "/nonexistent/s3-secret")).contains("storage.s3.secret_access_key_file"));
+        assert!(err("[storage]\nhot_tier_bytes = \"1GiB\"\n").contains("storage.hot_tier_bytes"));
+    }
 }

@@ -410,7 +410,7 @@ fn unreadable_head(why: &str) -> OciError {
 
 /// Roughly the bytes of a parsed head.
 fn head_size(h: &pingora::http::RequestHeader) -> usize {
-    h.uri.to_string().len() + h.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + 16
+    h.raw_path().len() + h.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + 16
 }
 
 /// What is wrong with a parsed request head, if anything (RFC 9112): more than `max` bytes
@@ -428,19 +428,17 @@ fn head_problem(version: http::Version, headers: &http::HeaderMap, size: usize, 
     if hosts > 1 {
         return Some(OciError::msg(ErrorCode::BadRequest, "more than one Host header"));
     }
-    let lengths: Vec<&str> = headers.get_all(CONTENT_LENGTH).iter().filter_map(|v| v.to_str().ok()).collect();
-    let numbers: Option<Vec<u64>> = lengths
-        .iter()
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim())
-        .map(|v| if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) { v.parse().ok() } else { None })
-        .collect();
-    match numbers {
-        None => return Some(OciError::msg(ErrorCode::BadRequest, "Content-Length is not a number")),
-        Some(n) if n.windows(2).any(|w| w[0] != w[1]) => {
-            return Some(OciError::msg(ErrorCode::BadRequest, "conflicting Content-Length values"))
+    // Every value (and every comma-separated item in one) must be the same number.
+    let mut length = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for item in v.to_str().unwrap_or("x").split(',').map(str::trim) {
+            let n: Option<u64> = (!item.is_empty() && item.bytes().all(|b| b.is_ascii_digit())).then(|| item.parse().ok()).flatten();
+            let Some(n) = n else { return Some(OciError::msg(ErrorCode::BadRequest, "Content-Length is not a number")) };
+            if length.is_some_and(|l| l != n) {
+                return Some(OciError::msg(ErrorCode::BadRequest, "conflicting Content-Length values"));
+            }
+            length = Some(n);
         }
-        _ => {}
     }
     for te in headers.get_all(TRANSFER_ENCODING) {
         let codings = te.to_str().unwrap_or("?");

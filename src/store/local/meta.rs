@@ -258,10 +258,9 @@ impl RedbMeta {
         tx.delete_table(UPLOADS)?;
         tx.delete_table(MREFS)?;
         tx.delete_table(MREFS_OF)?;
-        // Recreated empty: a table the snapshot has no record for must still exist.
-        create_tables(&tx)?;
         {
-            // Every table open once for the whole load, not per record.
+            // Every table open once for the whole load, not per record; opening recreates the
+            // ones the snapshot has no record for.
             let mut blobs = tx.open_table(BLOBS)?;
             let mut links = tx.open_table(LINKS)?;
             let mut manifests = tx.open_table(MANIFESTS)?;
