@@ -54,6 +54,27 @@ fn get_blob(c: &Client, base: &str, repo: &str, d: &str) -> Vec<u8> {
     r.bytes().unwrap().to_vec()
 }
 
+/// PATCHes `blob[from..to]` into the session at `loc` through node `b`; it must be accepted and
+/// the session then hold everything up to `to`.
+fn patch_range(c: &Client, b: &Berth, loc: &str, blob: &[u8], from: usize, to: usize) {
+    let r = c
+        .patch(format!("{}{loc}", b.url()))
+        .header("Content-Range", format!("{from}-{}", to - 1))
+        .header("Content-Type", "application/octet-stream")
+        .body(blob[from..to].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "PATCH {from}-{to}: {}", r.text().unwrap());
+    assert_eq!(r.headers()["range"], format!("0-{}", to - 1).as_str());
+}
+
+/// `berth fsck` on a stopped berth's store passes.
+fn fsck_clean(b: &Berth) {
+    let mut fsck = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    fsck.args(["fsck", "--config"]).arg(&b.config_path);
+    common::cmd::run(&mut fsck, Duration::from_secs(120)).expect_ok();
+}
+
 /// Kills berth and removes everything it kept on local disk: what it serves next comes from
 /// the bucket alone.
 fn wipe_local(b: &mut Berth) {
@@ -101,9 +122,7 @@ fn a_node_with_an_empty_disk_serves_everything_pushed_and_mirrored_before() {
     assert_eq!(get_blob(&c, &b.url(), "library/alpine", &ld), upstream_layer);
     assert_eq!(fake.count("GET blob"), upstream_gets, "no second upstream fetch");
     b.kill();
-    let mut fsck = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
-    fsck.args(["fsck", "--config"]).arg(&b.config_path);
-    common::cmd::run(&mut fsck, Duration::from_secs(120)).expect_ok();
+    fsck_clean(&b);
 }
 
 #[test]
@@ -118,24 +137,14 @@ fn a_chunked_push_continues_after_a_restart_on_an_empty_disk() {
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     // Chunks that do not line up with parts: the first crosses a part boundary.
     let cuts = [0usize, 8_400_000, 9_000_000, blob.len()];
-    let patch = |b: &Berth, from: usize, to: usize| {
-        let r = c
-            .patch(format!("{}{loc}", b.url()))
-            .header("Content-Range", format!("{from}-{}", to - 1))
-            .header("Content-Type", "application/octet-stream")
-            .body(blob[from..to].to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 202, "{}", r.text().unwrap());
-    };
-    patch(&b, cuts[0], cuts[1]);
-    patch(&b, cuts[1], cuts[2]);
+    patch_range(&c, &b, &loc, &blob, cuts[0], cuts[1]);
+    patch_range(&c, &b, &loc, &blob, cuts[1], cuts[2]);
     wipe_local(&mut b);
     b.spawn();
     let r = c.get(format!("{}{loc}", b.url())).send().unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(r.headers()["range"], format!("0-{}", cuts[2] - 1).as_str());
-    patch(&b, cuts[2], cuts[3]);
+    patch_range(&c, &b, &loc, &blob, cuts[2], cuts[3]);
     let d = digest(&blob);
     let r = c.put(format!("{}{loc}?digest={d}", b.url())).send().unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
@@ -428,9 +437,7 @@ fn snapshots_bound_the_journal_and_a_new_node_starts_from_one() {
     }
     push_image(&c, &b.url(), "team/app", "after", b"after the snapshot");
     b.kill();
-    let mut fsck = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
-    fsck.args(["fsck", "--config"]).arg(&b.config_path);
-    common::cmd::run(&mut fsck, Duration::from_secs(120)).expect_ok();
+    fsck_clean(&b);
 }
 
 /// The `[storage.s3] prefix = ...` line of a berth's config.
@@ -469,15 +476,7 @@ fn two_nodes_on_one_bucket_see_each_others_writes_and_continue_each_others_uploa
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     let cuts = [0usize, 8_500_000, 9_200_000, blob.len()];
     for (i, node) in [&b, &a, &b].into_iter().enumerate() {
-        let r = c
-            .patch(format!("{}{loc}", node.url()))
-            .header("Content-Range", format!("{}-{}", cuts[i], cuts[i + 1] - 1))
-            .header("Content-Type", "application/octet-stream")
-            .body(blob[cuts[i]..cuts[i + 1]].to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 202, "PATCH {i}: {}", r.text().unwrap());
-        assert_eq!(r.headers()["range"], format!("0-{}", cuts[i + 1] - 1).as_str());
+        patch_range(&c, node, &loc, &blob, cuts[i], cuts[i + 1]);
     }
     let r = c.get(format!("{}{loc}", a.url())).send().unwrap();
     assert_eq!(r.headers()["range"], format!("0-{}", blob.len() - 1).as_str(), "the status on the node that did not see the last PATCH");

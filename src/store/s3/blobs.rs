@@ -450,8 +450,8 @@ impl BlobTemp for S3Temp {
             let (s3, key, mp) = (self.b.client(), self.b.key(&self.key), self.mp.clone().expect("multipart started"));
             if self.b.head(&self.key)?.is_some() {
                 // Another writer published the same content: ours is not needed.
-                let r = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
-                let _ = r;
+                // Best effort: one left behind only takes space until a bucket lifecycle rule aborts it.
+                let _ = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
             } else {
                 let parts = std::mem::take(&mut self.parts);
                 let t = Instant::now();
