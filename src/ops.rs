@@ -52,7 +52,8 @@ pub fn fsck(config: Config, repair: bool, resume: bool) -> Result<(bool, String)
             namespaces: config.namespaces.iter().map(|n| n.prefix.clone()).collect(),
         })
         .map_err(|e| format!("fsck failed: {e}"))?;
-    let r = store.fsck_with(repair, resume).map_err(|e| format!("fsck failed: {e}"))?;
+    let sparse = |repo: &str| config.namespaces.iter().any(|n| n.matches(repo) && n.policy.sparse_indexes);
+    let r = store.fsck_with(repair, resume, &sparse).map_err(|e| format!("fsck failed: {e}"))?;
     let mut out = String::new();
     for p in &r.problems {
         out.push_str(&format!("problem: {p}\n"));

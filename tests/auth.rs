@@ -398,6 +398,31 @@ fn cross_repository_mount_needs_pull_on_the_source() {
     assert_eq!(head.status(), StatusCode::OK);
 }
 
+/// A mount without `from` finds the blob only in repositories the caller may pull from.
+#[test]
+fn mount_without_from_discovers_only_what_the_caller_may_pull() {
+    let b = start("", "");
+    let c = client();
+    let secret = b"private layer, discovered";
+    let d = common::digest(secret);
+    assert_eq!(push_blob(&c, &b, "private/app", secret, Some("ci")), StatusCode::CREATED);
+    let mount =
+        |repo: &str, user: &str| as_user(c.post(format!("{}/v2/{repo}/blobs/uploads/?mount={d}", b.url())), Some(user)).send().unwrap();
+    let r = mount("shared/bob", "bob");
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "bob may not pull private/app");
+    let head = as_user(c.head(format!("{}/v2/shared/bob/blobs/{d}", b.url())), Some("bob")).send().unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+    // A token for the target alone: discovery goes by the user's rights.
+    let t = token(&c, &b, Some("bob"), &["repository:shared/bob:pull,push"]);
+    let r = c.post(format!("{}/v2/shared/bob/blobs/uploads/?mount={d}", b.url())).bearer_auth(&t).send().unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let t = token(&c, &b, Some("alice"), &["repository:shared/alice:pull,push"]);
+    let r = c.post(format!("{}/v2/shared/alice/blobs/uploads/?mount={d}", b.url())).bearer_auth(&t).send().unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let head = as_user(c.head(format!("{}/v2/shared/alice/blobs/{d}", b.url())), Some("alice")).send().unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+}
+
 #[test]
 fn mirrors_pull_anonymously_unless_restricted() {
     // Nothing listens on port 1: upstream fetches fail fast, which is a 5xx, never a 401.

@@ -545,10 +545,15 @@ fn push_cross_repository_mount() {
     let r = reg.req(Method::POST, &format!("/v2/team/b/blobs/uploads/?mount={missing}&from=team/a")).send().unwrap();
     assert_eq!(r.status(), 202);
     assert!(location(&r).starts_with("/v2/team/b/blobs/uploads/"));
-    // No `from`: no automatic discovery, also a session.
-    let r = reg.req(Method::POST, &format!("/v2/team/c/blobs/uploads/?mount={d}")).send().unwrap();
+    // No `from` (OCI 1.1 automatic content discovery): found in team/a, linked at once.
+    let r = reg.req(Method::POST, &format!("/v2/team/d/blobs/uploads/?mount={d}")).send().unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(location(&r), format!("/v2/team/d/blobs/{d}"));
+    assert_eq!(reg.get(&format!("/v2/team/d/blobs/{d}")).bytes().unwrap().as_ref(), data.as_slice());
+    // ...but only what some repository holds.
+    let r = reg.req(Method::POST, &format!("/v2/team/d/blobs/uploads/?mount={missing}")).send().unwrap();
     assert_eq!(r.status(), 202);
-    assert!(location(&r).starts_with("/v2/team/c/blobs/uploads/"));
+    assert!(location(&r).starts_with("/v2/team/d/blobs/uploads/"));
     // A source that never had it lends nothing, and the target still cannot see it.
     let r = reg.req(Method::POST, &format!("/v2/team/c/blobs/uploads/?mount={d}&from=team/nothing")).send().unwrap();
     assert_eq!(r.status(), 202);

@@ -174,6 +174,8 @@ struct NamespaceFile {
     quota_bytes: Option<bytesize::ByteSize>,
     pull: Option<Vec<String>>,
     push: Option<Vec<String>>,
+    #[serde(default)]
+    sparse_indexes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -487,6 +489,7 @@ impl Config {
             let policy =
                 crate::store::policy::Policy::new(n.keep_tags, &n.keep_patterns, &n.immutable_tags, n.quota_bytes.map(|b| b.as_u64()))
                     .map_err(|e| invalid(format!("namespace[{i}]"), e))?;
+            let policy = crate::store::policy::Policy { sparse_indexes: n.sparse_indexes, ..policy };
             namespaces.push(Namespace { prefix: n.prefix.clone(), policy });
         }
         let mut upstreams: Vec<Upstream> = Vec::new();

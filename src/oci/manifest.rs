@@ -92,7 +92,13 @@ pub fn inspect(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo,
     let is_index = media_type == OCI_INDEX || media_type == DOCKER_LIST || (raw.manifests.is_some() && raw.layers.is_none());
     if is_index {
         for m in raw.manifests.iter().flatten() {
-            children.push(digest_of(m)?);
+            // BuildKit's registry cache is an index whose entries are its layer blobs and its
+            // cache config: descriptors of blobs, which the repository must hold as blobs.
+            if names_manifest(m) {
+                children.push(digest_of(m)?);
+            } else {
+                blobs.push(digest_of(m)?);
+            }
         }
     } else {
         if media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST {
@@ -124,6 +130,29 @@ pub fn inspect(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo,
         subject,
         annotations: raw.annotations,
     })
+}
+
+/// Whether an index entry is a manifest (the usual case, and the reading when the entry does
+/// not say) rather than a blob.
+fn names_manifest(d: &Descriptor) -> bool {
+    match d.media_type.as_deref() {
+        None => true,
+        Some(t) => is_manifest_type(t),
+    }
+}
+
+/// Every media type a manifest is stored under, including Docker's schema 1.
+pub fn is_manifest_type(t: &str) -> bool {
+    matches!(
+        t,
+        OCI_MANIFEST
+            | OCI_INDEX
+            | DOCKER_MANIFEST
+            | DOCKER_LIST
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+            | "application/vnd.oci.artifact.manifest.v1+json"
+    )
 }
 
 impl ManifestInfo {
@@ -161,6 +190,20 @@ mod tests {
         assert_eq!(i.children.len(), 1);
         assert_eq!(i.subject.as_ref().unwrap().to_string(), dg("s"));
         assert_eq!(i.effective_artifact_type().as_deref(), Some("application/x"));
+    }
+
+    #[test]
+    fn buildkit_cache_index_lists_blobs() {
+        let m = serde_json::json!({"schemaVersion":2,"mediaType":OCI_INDEX,"manifests":[
+            {"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":dg("l1"),"size":1,
+             "annotations":{"buildkit/createdat":"2026-01-01T00:00:00Z"}},
+            {"mediaType":"application/vnd.buildkit.cacheconfig.v0","digest":dg("cfg"),"size":1},
+            {"mediaType":OCI_MANIFEST,"digest":dg("m"),"size":1},
+            {"digest":dg("untyped"),"size":1}]});
+        let i = inspect(&serde_json::to_vec(&m).unwrap(), Some(OCI_INDEX)).unwrap();
+        let s = |v: &[Digest]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        assert_eq!(s(&i.blobs), vec![dg("l1"), dg("cfg")]);
+        assert_eq!(s(&i.children), vec![dg("m"), dg("untyped")]);
     }
 
     #[test]

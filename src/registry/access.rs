@@ -170,20 +170,48 @@ impl Registry {
         })
     }
 
-    /// A cross-repository mount lends a blob from `from`; without pull rights there the mount
-    /// is dropped, and the client falls back to uploading (202), as the spec allows.
-    pub(super) fn without_foreign_mount(&self, req: &Request<'_>, caller: &Caller) -> Option<String> {
-        let from = req.param("from")?;
-        req.param("mount")?;
-        let allowed = self.resolve(&from, None).is_ok_and(|t| caller.may(self.rules_for(&t), &from, Action::Pull));
-        if allowed {
-            return None;
+    /// The query an upload start is answered with, when it differs from the client's. A
+    /// cross-repository mount lends a blob from `from`; without pull rights there the mount
+    /// is dropped, and the client falls back to uploading (202), as the spec allows. A mount
+    /// without `from` (OCI 1.1 automatic content discovery) borrows from a hosted repository
+    /// that links the blob and that the caller may pull from.
+    pub(super) fn mount_query(&self, req: &Request<'_>, caller: Option<&Caller>, into: &str) -> Result<Option<String>, OciError> {
+        let Some(mount) = req.param("mount") else { return Ok(None) };
+        let may_pull = |name: &str| match caller {
+            None => true,
+            Some(c) => self.resolve(name, None).is_ok_and(|t| c.may(self.rules_for(&t), name, Action::Pull)),
+        };
+        // A client cannot ask its token for a source it does not know: discovery goes by what
+        // the token's user may pull, as the catalog does.
+        let user_may_pull = |name: &str| match caller {
+            None => true,
+            Some(c) => self.resolve(name, None).is_ok_and(|t| self.rules_for(&t).allows(c.user(), Action::Pull)),
+        };
+        let pairs = url::form_urlencoded::parse(req.query.unwrap_or_default().as_bytes());
+        let rewritten = |from: Option<&str>| {
+            let kept = pairs.filter(|(k, _)| k != "mount" && k != "from");
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            q.extend_pairs(kept);
+            if let Some(from) = from {
+                q.append_pair("mount", &mount).append_pair("from", from);
+            }
+            q.finish()
+        };
+        if let Some(from) = req.param("from") {
+            return Ok((!may_pull(&from)).then(|| rewritten(None)));
         }
-        let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query.unwrap_or_default().as_bytes())
-            .filter(|(k, _)| k != "mount" && k != "from")
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        Some(url::form_urlencoded::Serializer::new(String::new()).extend_pairs(kept).finish())
+        let Ok(d) = crate::oci::Digest::parse(&mount) else { return Ok(None) };
+        // Bounded: a blob every repository shares must not make one POST walk them all.
+        for repo in self.store.meta().holders(&d)?.iter().take(64) {
+            if repo != into
+                && matches!(self.resolve(repo, None), Ok(Target::Hosted(_)))
+                && self.store.blob_linked(repo, &d)?
+                && user_may_pull(repo)
+            {
+                return Ok(Some(rewritten(Some(repo))));
+            }
+        }
+        Ok(None)
     }
 }
 

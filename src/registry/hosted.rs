@@ -142,6 +142,12 @@ async fn put_manifest(
             .collect::<Result<_, _>>()?,
     };
     reg.check_quota(r, &digest, bytes.len() as u64)?;
+    let mut children = info.children.clone();
+    if reg.policy_of(r).is_some_and(|p| p.sparse_indexes) {
+        // Only the children that are here are recorded as references; the store still refuses
+        // the index if one of those goes before the write.
+        children.retain(|c| store.manifest_meta(r, c).is_ok_and(|m| m.is_some()));
+    }
     let meta = ManifestMeta {
         media_type: info.media_type.clone(),
         size: bytes.len() as u64,
@@ -159,7 +165,7 @@ async fn put_manifest(
             meta,
             tags.iter().map(|t| t.as_str().to_string()).collect(),
             TagExpect::Any,
-            (info.blobs.clone(), info.children.clone()),
+            (info.blobs.clone(), children),
             reg.immutable_of(r),
             reg.quota_of(r),
         )

@@ -233,12 +233,12 @@ impl Registry {
                     return Ok(refused);
                 }
             }
-            if matches!(ep, Endpoint::UploadStart { .. }) {
-                if let Some(q) = self.without_foreign_mount(req, caller) {
-                    mount_query = q;
-                    unmounted = Request { query: Some(&mount_query), ..*req };
-                    req = &unmounted;
-                }
+        }
+        if let (Endpoint::UploadStart { .. }, Target::Hosted(repo)) = (&ep, &target) {
+            if let Some(q) = self.mount_query(req, caller.as_ref(), repo.as_str())? {
+                mount_query = q;
+                unmounted = Request { query: Some(&mount_query), ..*req };
+                req = &unmounted;
             }
         }
         match target {

@@ -50,10 +50,11 @@ impl Store {
     /// Blocking: reads every blob. With `resume`, blobs an interrupted run already verified
     /// (in digest order, up to its last checkpoint) are not hashed again.
     pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
-        self.fsck_with(repair, false)
+        self.fsck_with(repair, false, &|_| false)
     }
 
-    pub fn fsck_with(&self, repair: bool, resume: bool) -> Result<FsckReport> {
+    /// `sparse` says which repositories' indexes may lack child manifests (`sparse_indexes`).
+    pub fn fsck_with(&self, repair: bool, resume: bool, sparse: &dyn Fn(&str) -> bool) -> Result<FsckReport> {
         let mut rep = FsckReport::default();
         let mut records: HashMap<Digest, u64> = HashMap::new();
         self.meta.blobs(&mut |d, r| {
@@ -95,7 +96,7 @@ impl Store {
         if skipped > 0 {
             rep.notes.push(format!("resumed: {skipped} blobs verified by the interrupted run were not hashed again"));
         }
-        self.fsck_rest(repair, &records, &on_disk, gone, rep)
+        self.fsck_rest(repair, &records, &on_disk, gone, rep, sparse)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -140,6 +141,7 @@ impl Store {
         on_disk: &HashMap<Digest, u64>,
         mut gone: HashSet<Digest>,
         mut rep: FsckReport,
+        sparse: &dyn Fn(&str) -> bool,
     ) -> Result<FsckReport> {
         for d in records.keys() {
             if !on_disk.contains_key(d) {
@@ -164,7 +166,7 @@ impl Store {
             let (page, more) = self.meta.repositories(after.as_deref(), 1000)?;
             after = page.last().cloned();
             for repo in &page {
-                self.fsck_repo(repo, repair, &exists, &mut rep)?;
+                self.fsck_repo(repo, repair, &exists, sparse(repo), &mut rep)?;
             }
             if !more {
                 break;
@@ -185,7 +187,7 @@ impl Store {
         Ok(rep)
     }
 
-    fn fsck_repo(&self, repo: &str, repair: bool, exists: &dyn Fn(&Digest) -> bool, rep: &mut FsckReport) -> Result<()> {
+    fn fsck_repo(&self, repo: &str, repair: bool, exists: &dyn Fn(&Digest) -> bool, sparse: bool, rep: &mut FsckReport) -> Result<()> {
         for (d, _) in self.meta.links(repo)? {
             if !exists(&d) {
                 rep.problems.push(format!("{repo}: link to missing blob {d}"));
@@ -213,6 +215,9 @@ impl Store {
                                 .map(|x| format!("references blob {x}, which is not linked in {repo} (a pull answers BLOB_UNKNOWN)"))
                         };
                         let child = || {
+                            if sparse {
+                                return None;
+                            }
                             i.children
                                 .iter()
                                 .find(|c| self.meta.manifest(repo, c).ok().flatten().is_none())
@@ -303,7 +308,7 @@ mod tests {
         let last = if ld.to_string() > md.to_string() { &ld } else { &md };
         s.meta().set_note(FSCK_PROGRESS, Some(&last.to_string())).unwrap();
         std::fs::write(dir.path().join("blobs/sha256").join(&ld.hex()[..2]).join(ld.hex()), b"bitrot").unwrap();
-        let r = s.fsck_with(false, true).unwrap();
+        let r = s.fsck_with(false, true, &|_| false).unwrap();
         assert!(r.notes.iter().any(|n| n.contains("resumed: 2 blobs")), "{r:?}");
         assert!(!r.problems.iter().any(|p| p.contains("has content")), "{r:?}");
         assert_eq!(s.meta().note(FSCK_PROGRESS).unwrap(), None, "a finished run clears its progress");

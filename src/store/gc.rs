@@ -33,31 +33,65 @@ pub struct GcReport {
 impl Store {
     /// Applies retention to one hosted repository: untags what the policy expires and removes
     /// the manifests that leaves unreachable by tag and unreferenced by other manifests.
-    fn retention(&self, repo: &str, policy: &Policy, dry_run: bool, report: &mut GcReport) -> Result<()> {
-        let mut by_age: Vec<(u64, String, Digest)> =
-            self.meta.tags_with_times(repo)?.into_iter().map(|(t, r)| (r.updated_ms, t, r.digest)).collect();
+    ///
+    /// Signatures, attestations and SBOMs live as long as their subject: tags that attach them
+    /// by name (cosign's `sha256-<hex>.sig`/`.att`/`.sbom`, the OCI referrers tag schema's
+    /// `sha256-<hex>`) do not count against `keep_tags` and go with their subject, and so do
+    /// untagged referrers (`subject`). Both only past `cutoff`: a client may push a signature
+    /// before the image it signs.
+    fn retention(&self, repo: &str, policy: &Policy, cutoff: u64, dry_run: bool, report: &mut GcReport) -> Result<()> {
+        let (attached, plain): (Vec<_>, Vec<_>) =
+            self.meta.tags_with_times(repo)?.into_iter().partition(|(t, _)| attached_subject(t).is_some());
+        let mut by_age: Vec<(u64, String, Digest)> = plain.into_iter().map(|(t, r)| (r.updated_ms, t, r.digest)).collect();
         by_age.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
         let newest_first: Vec<String> = by_age.iter().map(|(_, t, _)| t.clone()).collect();
-        let expired: HashSet<String> = policy.expired(&newest_first).into_iter().map(str::to_string).collect();
-        let mut released = Vec::new();
-        for (_, t, d) in &by_age {
-            if !expired.contains(t) {
-                continue;
+        let mut expired: Vec<String> = policy.expired(&newest_first).into_iter().map(str::to_string).collect();
+        let mut candidates: Vec<Digest> = by_age.iter().filter(|(_, t, _)| expired.contains(t)).map(|(_, _, d)| d.clone()).collect();
+        let manifests: HashMap<Digest, Option<Digest>> =
+            self.meta.manifests(repo)?.into_iter().map(|(d, m)| (d, m.subject.as_deref().and_then(|s| Digest::parse(s).ok()))).collect();
+        let children: HashSet<Digest> = self.manifest_refs(repo)?.into_iter().flat_map(|(_, refs)| refs).collect();
+        let mut gone: Vec<Digest> = Vec::new();
+        let mut expired_attached: HashSet<&str> = HashSet::new();
+        loop {
+            for d in candidates.drain(..) {
+                let tagged = by_age.iter().any(|(_, t, x)| *x == d && !expired.contains(t))
+                    || attached.iter().any(|(t, r)| r.digest == d && !expired_attached.contains(t.as_str()));
+                if tagged || children.contains(&d) || gone.contains(&d) || !manifests.contains_key(&d) {
+                    continue;
+                }
+                gone.push(d);
             }
+            let absent = |s: &Digest| !manifests.contains_key(s) || gone.contains(s);
+            for (t, r) in &attached {
+                if !expired_attached.contains(t.as_str())
+                    && !policy.always_kept(t)
+                    && r.updated_ms <= cutoff
+                    && attached_subject(t).is_some_and(|s| absent(&s))
+                {
+                    expired_attached.insert(t);
+                    candidates.push(r.digest.clone());
+                }
+            }
+            for (d, subject) in &manifests {
+                if subject.as_ref().is_some_and(absent) && !gone.contains(d) && self.meta.blob(d)?.is_some_and(|b| b.used_ms <= cutoff) {
+                    candidates.push(d.clone());
+                }
+            }
+            candidates.retain(|d| !gone.contains(d));
+            if candidates.is_empty() {
+                break;
+            }
+        }
+        expired.extend(attached.iter().filter(|(t, _)| expired_attached.contains(t.as_str())).map(|(t, _)| t.clone()));
+        for t in &expired {
             report.tags_removed.push(format!("{repo}:{t}"));
-            released.push(d.clone());
             if !dry_run {
                 let res = self.meta.delete_tag(repo, t, policy.is_immutable(t));
                 self.reads.changed(super::Changed::Tags(repo, std::slice::from_ref(t)));
                 res?;
             }
         }
-        let still_tagged: HashSet<&Digest> = by_age.iter().filter(|(_, t, _)| !expired.contains(t)).map(|(_, _, d)| d).collect();
-        let children: HashSet<Digest> = self.manifest_refs(repo)?.into_iter().flat_map(|(_, refs)| refs).collect();
-        for d in released {
-            if still_tagged.contains(&d) || children.contains(&d) || report.manifests_removed.contains(&format!("{repo}@{d}")) {
-                continue;
-            }
+        for d in gone {
             report.manifests_removed.push(format!("{repo}@{d}"));
             if !dry_run {
                 let p = policy.clone();
@@ -138,7 +172,7 @@ impl Store {
         }
         for repo in &repos {
             if let Some(p) = policy_of(repo) {
-                self.retention(repo, &p, dry_run, &mut report)?;
+                self.retention(repo, &p, cutoff, dry_run, &mut report)?;
             }
         }
         // Mark from a snapshot of every manifest.
@@ -212,6 +246,18 @@ impl Store {
         }
         Ok(report)
     }
+}
+
+/// The subject a tag attaches something to by naming it: `sha256-<hex>` followed by nothing
+/// (the OCI referrers tag schema) or by `.sig`, `.att` or `.sbom` (cosign).
+fn attached_subject(tag: &str) -> Option<Digest> {
+    let (algo, rest) = tag.split_once('-')?;
+    let hex = match rest.split_once('.') {
+        Some((hex, "sig" | "att" | "sbom")) => hex,
+        Some(_) => return None,
+        None => rest,
+    };
+    Digest::parse(&format!("{algo}:{hex}")).ok()
 }
 
 #[cfg(test)]
@@ -297,6 +343,84 @@ mod tests {
         assert_eq!(s.tags("team/a", None, 100).unwrap().unwrap().0, vec!["mid", "new", "v1"]);
         assert!(s.blob_size(&layers[0]).unwrap().is_none());
         assert!(layers[1..].iter().all(|l| s.blob_size(l).unwrap().is_some()));
+    }
+
+    /// A signature-like manifest over `subject`: tagged `tags`, carrying `subject` when asked.
+    async fn attach(s: &Arc<Store>, repo: &str, subject: &Digest, tags: Vec<String>, with_subject: bool, salt: &str) -> Digest {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","artifactType":"application/vnd.dev.cosign.artifact.sig.v1+json","config":{{"mediaType":"{}","digest":"{}","size":2}},"layers":[],"annotations":{{"salt":"{salt}"}}}}"#,
+            manifest::OCI_MANIFEST,
+            manifest::OCI_EMPTY_CONFIG,
+            Digest::sha256_of(b"{}")
+        );
+        let empty = Digest::sha256_of(b"{}");
+        s.put_blob_bytes(Bytes::from_static(b"{}"), &empty).await.unwrap();
+        s.link_blob(repo, &empty, None).await.unwrap();
+        let md = Digest::sha256_of(m.as_bytes());
+        let meta = ManifestMeta {
+            media_type: manifest::OCI_MANIFEST.into(),
+            size: m.len() as u64,
+            subject: with_subject.then(|| subject.to_string()),
+            ..Default::default()
+        };
+        s.put_manifest(repo, &md, Bytes::from(m), meta, tags, TagExpect::Any, (vec![empty], vec![]), none(), None).await.unwrap();
+        md
+    }
+
+    #[test]
+    fn attached_tags_name_their_subject() {
+        let d = Digest::sha256_of(b"x");
+        let hex = d.to_string()[7..].to_string();
+        for t in [format!("sha256-{hex}.sig"), format!("sha256-{hex}.att"), format!("sha256-{hex}.sbom"), format!("sha256-{hex}")] {
+            assert_eq!(attached_subject(&t), Some(d.clone()), "{t}");
+        }
+        for t in ["latest", "sha256-abc.sig", &format!("sha256-{hex}.tar"), "v1-2.sig"] {
+            assert_eq!(attached_subject(t), None, "{t}");
+        }
+    }
+
+    /// Signatures by tag and by `subject` do not count against `keep_tags`, stay while their
+    /// subject does, and go with it.
+    #[tokio::test]
+    async fn retention_keeps_signatures_with_their_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (old, _) = image(&s, "team/a", "old", b"layer-old").await;
+        s.meta().set_tag("team/a", "old", &old, &TagExpect::Any, false, 1000).unwrap();
+        let (new, _) = image(&s, "team/a", "new", b"layer-new").await;
+        s.meta().set_tag("team/a", "new", &new, &TagExpect::Any, false, 2000).unwrap();
+        let tag_of = |d: &Digest, suffix: &str| format!("sha256-{}{suffix}", &d.to_string()[7..]);
+        let sig_old = attach(&s, "team/a", &old, vec![tag_of(&old, ".sig")], false, "1").await;
+        let sig_new = attach(&s, "team/a", &new, vec![tag_of(&new, ".sig")], false, "2").await;
+        let ref_old = attach(&s, "team/a", &old, vec![], true, "3").await;
+        let ref_new = attach(&s, "team/a", &new, vec![], true, "4").await;
+        // Signature tags are the newest tags: a count that included them would drop `new`.
+        for (i, t) in [tag_of(&old, ".sig"), tag_of(&new, ".sig")].iter().enumerate() {
+            let d = if i == 0 { &sig_old } else { &sig_new };
+            s.meta().set_tag("team/a", t, d, &TagExpect::Any, false, 3000 + i as u64).unwrap();
+        }
+        // A signature pushed before its image: kept while young.
+        let early = Digest::sha256_of(b"not pushed yet");
+        let ref_early = attach(&s, "team/a", &early, vec![], true, "5").await;
+        let policy = Policy::new(Some(1), &[], &[], None).unwrap();
+        let policy: PolicyOf = Arc::new(move |_: &str| Some(policy.clone()));
+        let r = s.gc(policy.clone(), Duration::from_secs(3600), true).await.unwrap();
+        let mut removed = r.manifests_removed.clone();
+        removed.sort();
+        let mut want = vec![format!("team/a@{old}"), format!("team/a@{sig_old}")];
+        want.sort();
+        assert_eq!(removed, want, "referrers pushed within the grace period stay, whatever their subject");
+        next_ms();
+        let r = s.gc(policy, Duration::ZERO, false).await.unwrap();
+        let mut tags = r.tags_removed.clone();
+        tags.sort();
+        assert_eq!(tags, vec!["team/a:old".to_string(), format!("team/a:{}", tag_of(&old, ".sig"))]);
+        assert!(r.manifests_removed.contains(&format!("team/a@{ref_early}")), "an old referrer of nothing goes");
+        assert!(r.manifests_removed.contains(&format!("team/a@{ref_old}")), "a referrer goes with its subject");
+        let left: HashSet<Digest> = s.meta().manifests("team/a").unwrap().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(left, HashSet::from([new.clone(), sig_new, ref_new]));
+        assert_eq!(s.tags("team/a", None, 100).unwrap().unwrap().0, vec!["new".to_string(), tag_of(&new, ".sig")]);
+        assert!(s.meta().recount(false).unwrap().is_empty());
     }
 
     /// Pushes that reuse old orphans while collections run: nothing a manifest references is

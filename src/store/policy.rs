@@ -10,6 +10,9 @@ pub struct Policy {
     /// Tags matching these can be pushed once, never moved or deleted.
     pub immutable_tags: Vec<glob::Pattern>,
     pub quota_bytes: Option<u64>,
+    /// Indexes may name child manifests the repository does not hold (a single-platform copy
+    /// of a multi-arch image); blobs an index or manifest names must still be there.
+    pub sparse_indexes: bool,
 }
 
 impl Policy {
@@ -22,6 +25,7 @@ impl Policy {
             keep_patterns: compile("keep_patterns", keep)?,
             immutable_tags: compile("immutable_tags", immutable)?,
             quota_bytes,
+            sparse_indexes: false,
         })
     }
 
