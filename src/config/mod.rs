@@ -1,7 +1,7 @@
 //! Configuration: the TOML file shape (unknown keys are errors naming the key) kept apart from
 //! the validated runtime type the rest of berth uses.
 
-use crate::auth::{Principal, Rules};
+use crate::auth::{AuthConfig, Principal, Rules};
 use crate::oci::RepoName;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -279,23 +279,6 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// `None`: no access control, as registry:2 without auth.
     pub auth: Option<AuthConfig>,
-}
-
-/// `[auth]`, with the htpasswd file read and every namespace's and upstream's rules resolved.
-#[derive(Debug, Clone)]
-pub struct AuthConfig {
-    pub htpasswd: PathBuf,
-    pub users: std::sync::Arc<crate::auth::Htpasswd>,
-    /// A PKCS#8 PEM P-256 key, checked at load; `None`: generated under `storage.root`.
-    pub token_key: Option<PathBuf>,
-    pub token_ttl: Duration,
-    /// The token audience and the `service` of challenges.
-    pub service: String,
-    /// The token endpoint announced in challenges; `None`: `<scheme>://<Host>/token`.
-    pub realm: Option<String>,
-    pub max_failures: u32,
-    pub failure_window: Duration,
-    pub policy: crate::auth::Policy,
 }
 
 /// The HTTPS listener (h2 and http/1.1). The identity was read and checked at load.
