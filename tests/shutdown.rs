@@ -146,6 +146,7 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     let path = if loc.starts_with("http") { loc.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap() } else { loc };
     let sep = if path.contains('?') { '&' } else { '?' };
     // A monolithic PUT that announces the whole blob but sends only part of it.
+    let stored = upload_bytes_stored(&b);
     let mut s = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
     write!(
         s,
@@ -154,7 +155,7 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     )
     .unwrap();
     s.write_all(&data[..data.len() / 3]).unwrap();
-    assert!(common::eventually(Duration::from_secs(20), || upload_bytes_on_disk(&b) > 0), "berth never wrote the partial body");
+    assert!(common::eventually(Duration::from_secs(20), || upload_bytes_stored(&b) > stored), "berth never stored the partial body");
     signal(&b, "TERM");
     assert!(wait_exit(&mut b, Duration::from_secs(30)).is_some(), "berth did not exit");
     drop(s);
@@ -165,16 +166,19 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     assert!(leftovers.is_empty(), "temp files survived the restart: {leftovers:?}");
 }
 
-/// Bytes berth holds on disk for uploads in progress: session data and temp files.
-fn upload_bytes_on_disk(b: &Berth) -> u64 {
-    ["uploads", "tmp"]
+/// Bytes berth has stored so far: session data and temp files on the local disk, and whatever
+/// it sent to the bucket with `[storage.s3]`.
+fn upload_bytes_stored(b: &Berth) -> u64 {
+    let sent = support::sample(&support::metrics(b), "berth_storage_bytes_total{direction=\"out\"}").unwrap_or(0.0) as u64;
+    let on_disk: u64 = ["uploads", "tmp"]
         .iter()
         .flat_map(|d| {
             let dir = b.data_dir().join(d);
             common::local_files(&dir).into_iter().map(move |f| dir.join(f))
         })
         .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
-        .sum()
+        .sum();
+    sent + on_disk
 }
 
 #[test]
