@@ -87,7 +87,8 @@ fn a_trickled_head_is_cut_at_the_deadline_and_idle_connections_go() {
     let t = Instant::now();
     s.write_all(b"GET /v2/ HTTP/1.1\r\n").unwrap();
     let mut answer = String::new();
-    // One header line every 200 ms would keep a per-read timeout alive forever.
+    // One header line every 200 ms would keep a per-read timeout alive forever: the pause is
+    // the trickling client under test.
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(200));
         if s.write_all(b"X-Slow: 1\r\n").is_err() {

@@ -159,7 +159,10 @@ fn hosted_gc_races_pushes_without_losing_referenced_blobs() {
         .collect();
     let kept: Vec<(String, String)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     assert!(!kept.is_empty());
-    std::thread::sleep(Duration::from_millis(300));
+    // Two more collections end, so at least one ran wholly after the last push.
+    let collections = || b.log().matches("garbage collection done").count();
+    let before = collections();
+    assert!(eventually(Duration::from_secs(20), || collections() >= before + 2), "GC stopped running:\n{}", b.log());
     let c = client();
     for (tag, md) in &kept {
         let r = c.get(format!("{base}/v2/team/race/manifests/{tag}")).send().unwrap();
@@ -243,7 +246,8 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
     let fake = Fake::start();
     let cold: Vec<Vec<u8>> = (0..8u8).map(|i| (0..(4 << 20)).map(|j| (j as u8).wrapping_mul(i + 1)).collect()).collect();
     let cold_digests: Vec<String> = cold.iter().map(|b| fake.add_blob(b)).collect();
-    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(20));
+    // Slow enough that a fill is still running when the pushes below have gone in.
+    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(100));
     let mut b = Berth::start(&format!(
         "[[namespace]]\nprefix = \"team\"\n\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
         fake.url()
@@ -252,9 +256,10 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
     for (round, cold_digest) in cold_digests.iter().enumerate() {
         let base = b.url();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let pushers: Vec<_> = (0..2)
             .map(|w| {
-                let (base, stop) = (base.clone(), stop.clone());
+                let (base, stop, done) = (base.clone(), stop.clone(), done.clone());
                 std::thread::spawn(move || {
                     let c = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
                     let mut ok = Vec::new();
@@ -268,7 +273,10 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
                             push_image(&c, &base, "team/crash", &tag, layer.as_bytes())
                         }));
                         match res {
-                            Ok((201, md, _)) => ok.push((tag, md)),
+                            Ok((201, md, _)) => {
+                                ok.push((tag, md));
+                                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             _ => break,
                         }
                     }
@@ -276,6 +284,7 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
                 })
             })
             .collect();
+        let fills = fake.count("GET blob");
         let puller = {
             let (base, d) = (base.clone(), cold_digest.clone());
             std::thread::spawn(move || {
@@ -283,7 +292,12 @@ fn kill_9_during_pushes_and_fills_leaves_a_consistent_store() {
                 let _ = c.get(format!("{base}/v2/library/cold/blobs/{d}")).send().and_then(|r| r.bytes());
             })
         };
-        std::thread::sleep(Duration::from_millis(150 + 70 * round as u64));
+        // Kill once the fill has reached the upstream (its 4 MiB take 400 ms there) and a few
+        // images went in, a different number each round, so the kill lands at different points
+        // of the pushes.
+        let pushes = 1 + round % 3;
+        let busy = || fake.count("GET blob") > fills && done.load(std::sync::atomic::Ordering::SeqCst) >= pushes;
+        assert!(eventually(Duration::from_secs(30), busy), "round {round}: neither fill nor pushes got going:\n{}", b.log());
         b.kill(); // SIGKILL mid-push and mid-fill
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         for p in pushers {
@@ -393,6 +407,8 @@ fn namespace_policies_retention_immutability_quota() {
     // Retention: the newest two tags plus v* survive.
     for t in ["a", "b", "c", "d"] {
         assert_eq!(push_image(&c, &base, "team/app", t, format!("build {t}").as_bytes()).0, 201);
+        // Retention orders tags by their push time in milliseconds: the pause keeps those
+        // times apart. It waits on the clock, not on the server.
         std::thread::sleep(Duration::from_millis(20));
     }
     let tags = || -> Vec<String> {

@@ -208,7 +208,8 @@ fn stale_tags_are_served_during_an_outage_and_revalidate_after() {
     let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
     assert_eq!(r.status(), 200);
 
-    // Within the TTL: no upstream contact at all.
+    // Past the TTL with the upstream down: the cached tag is served stale. The sleep waits for
+    // the 100ms TTL to run out on the clock; there is nothing else to wait for.
     let heads = fake.count("HEAD manifest");
     fake.stop();
     std::thread::sleep(Duration::from_millis(200));
@@ -229,7 +230,7 @@ fn stale_tags_are_served_during_an_outage_and_revalidate_after() {
     assert_eq!(r.headers()["docker-content-digest"], md2.as_str());
     assert!(fake.count("HEAD manifest") > heads);
 
-    // Unchanged after the TTL: a HEAD confirms it, no GET.
+    // Unchanged after the TTL (again a wait on the clock): a HEAD confirms it, no GET.
     std::thread::sleep(Duration::from_millis(200));
     let gets = fake.count("GET manifest");
     let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
@@ -238,6 +239,7 @@ fn stale_tags_are_served_during_an_outage_and_revalidate_after() {
 
     // Upstream answering 503 or 429 also serves the cached copy.
     for s in [503, 429] {
+        // The TTL runs out, so berth asks the upstream.
         std::thread::sleep(Duration::from_millis(200));
         fake.set_fault(Fault::Status(s));
         let r = c.get(format!("{}/v2/library/app/manifests/v1", b.url())).send().unwrap();
@@ -280,6 +282,13 @@ fn nothing_cached_and_upstream_down_is_a_5xx() {
     assert_eq!(oci_code(&r.bytes().unwrap()), "TOOMANYREQUESTS");
 }
 
+/// Neither the blob nor a temp file of its fill is on disk.
+fn not_cached(b: &Berth, d: &str) -> bool {
+    let hex = d.strip_prefix("sha256:").unwrap();
+    !b.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex).exists()
+        && std::fs::read_dir(b.data_dir().join("tmp")).unwrap().count() == 0
+}
+
 fn assert_not_cached(b: &Berth, d: &str) {
     let hex = d.strip_prefix("sha256:").unwrap();
     assert!(!b.data_dir().join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "corrupt blob was cached");
@@ -304,8 +313,11 @@ fn blob_faults_never_cache_or_complete() {
             assert_ne!(common::digest(&body), d, "{fault:?}: a faulty transfer must not complete with the right bytes");
         }
         assert_eq!(fake.count("GET blob"), before + 1);
-        // Give the fill task time to notice and clean up.
-        std::thread::sleep(Duration::from_millis(300));
+        // The fill task notices after its client does: wait for its temp file to go.
+        assert!(
+            common::eventually(Duration::from_secs(20), || not_cached(&b, &d)),
+            "{fault:?}: the failed fill was cached or left a temp file"
+        );
         assert_not_cached(&b, &d);
     }
     let metrics = client().get(format!("{}/metrics", b.admin_url())).send().unwrap().text().unwrap();

@@ -74,7 +74,8 @@ fn a_slow_download_finishes_after_sigterm_and_berth_exits_once_it_has() {
     assert_eq!(len, data.len() as u64);
     let mut got = Vec::with_capacity(data.len());
     let mut buf = vec![0u8; 64 << 10];
-    // A rate-limited reader: 64 KiB per 5 ms, about 12 MiB/s.
+    // A rate-limited reader: 64 KiB per 5 ms, about 12 MiB/s. The pause paces this client (the
+    // download must still be running at SIGTERM); it synchronizes nothing.
     let mut read_some = |got: &mut Vec<u8>, until: usize| {
         while got.len() < until {
             let n = body.read(&mut buf).unwrap();
@@ -122,9 +123,9 @@ fn a_stalled_client_is_cut_off_when_the_grace_period_ends() {
     let mut b = start("2s");
     let data = big_blob();
     let d = support::push_blob(&b.url(), "team/big", &data);
-    // The client reads the head and then nothing: the response can never finish.
+    // The client reads the head and then nothing: the response can never finish. Its head
+    // having arrived, the request is in flight.
     let (_body, _) = begin_download(&b, &d);
-    std::thread::sleep(Duration::from_millis(200));
     let term_at = Instant::now();
     signal(&b, "TERM");
     let status = wait_exit(&mut b, Duration::from_secs(30)).expect("berth outlived its grace period");
@@ -145,6 +146,7 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     let path = if loc.starts_with("http") { loc.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap() } else { loc };
     let sep = if path.contains('?') { '&' } else { '?' };
     // A monolithic PUT that announces the whole blob but sends only part of it.
+    let stored = upload_bytes_stored(&b);
     let mut s = TcpStream::connect(("127.0.0.1", b.port)).unwrap();
     write!(
         s,
@@ -153,7 +155,7 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     )
     .unwrap();
     s.write_all(&data[..data.len() / 3]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(common::eventually(Duration::from_secs(20), || upload_bytes_stored(&b) > stored), "berth never stored the partial body");
     signal(&b, "TERM");
     assert!(wait_exit(&mut b, Duration::from_secs(30)).is_some(), "berth did not exit");
     drop(s);
@@ -162,6 +164,21 @@ fn a_partial_upload_is_not_visible_after_a_restart() {
     assert_eq!(r.status(), 404, "a partial upload became a blob");
     let leftovers: Vec<_> = std::fs::read_dir(b.data_dir().join("tmp")).unwrap().collect();
     assert!(leftovers.is_empty(), "temp files survived the restart: {leftovers:?}");
+}
+
+/// Bytes berth has stored so far: session data and temp files on the local disk, and whatever
+/// it sent to the bucket with `[storage.s3]`.
+fn upload_bytes_stored(b: &Berth) -> u64 {
+    let sent = support::sample(&support::metrics(b), "berth_storage_bytes_total{direction=\"out\"}").unwrap_or(0.0) as u64;
+    let on_disk: u64 = ["uploads", "tmp"]
+        .iter()
+        .flat_map(|d| {
+            let dir = b.data_dir().join(d);
+            common::local_files(&dir).into_iter().map(move |f| dir.join(f))
+        })
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    sent + on_disk
 }
 
 #[test]

@@ -105,6 +105,7 @@ fn downloads_nobody_reads_are_dropped_within_write_timeout() {
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut byte = [0u8; 1];
             while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && matches!(s.read(&mut byte), Ok(1)) {
+                // Pacing: this is the slow client under test.
                 std::thread::sleep(Duration::from_millis(10));
             }
         })

@@ -4,7 +4,8 @@
 //! `redirect` storage middleware answering blob GETs with a 307 to a static file server here
 //! (as Docker Hub redirects to its CDN), or in proxy mode (the peer in benches). Every server
 //! counts what it was asked: the registry through its access log, the token and file servers
-//! themselves. Uses only crates and sibling `cmd.rs`, so benches can include both with `#[path]`.
+//! themselves. Uses only crates and the sibling `cmd.rs` and `ports.rs`, so benches can include
+//! them with `#[path]`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -18,9 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const REGISTRY_BIN: &str = "docker-registry";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use super::ports::free_port;
 
 // ---- a tiny threaded HTTP/1.1 server (one request per connection) ----
 

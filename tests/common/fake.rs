@@ -38,7 +38,7 @@ pub struct State {
     pub chunked_manifests: bool,
     pub blob_done_at: Vec<Instant>,
     /// Open connections, so `stop` can cut kept-alive ones too.
-    conns: Vec<tokio::task::AbortHandle>,
+    conns: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub struct Fake {
@@ -51,8 +51,10 @@ pub struct Fake {
 impl Fake {
     pub fn start() -> Fake {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        // A held port, so `resume` can listen on it again after `stop` without anyone else
+        // having taken it in between.
+        let port = super::free_port();
+        let listener = rt.block_on(TcpListener::bind(("127.0.0.1", port))).unwrap();
         let mut f = Fake { port, state: Arc::new(Mutex::new(State::default())), rt, task: None };
         f.serve(listener);
         f
@@ -68,7 +70,7 @@ impl Fake {
                 let h = tokio::spawn(async move {
                     let _ = conn(sock, st, port).await;
                 });
-                state.lock().unwrap().conns.push(h.abort_handle());
+                state.lock().unwrap().conns.push(h);
             }
         }));
     }
@@ -79,27 +81,29 @@ impl Fake {
 
     /// Closes the port: connections are refused until `resume`.
     pub fn stop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        for c in self.state.lock().unwrap().conns.drain(..) {
-            c.abort();
-        }
-        // Let the aborted accept loop drop its listener.
-        std::thread::sleep(Duration::from_millis(50));
+        let (accept, state) = (self.task.take(), self.state.clone());
+        // An aborted task has dropped what it held (the listener, a connection) once its handle
+        // resolves: the port is closed when this returns. The accept loop goes first, so no
+        // connection is added after the others were cut.
+        self.rt.block_on(async move {
+            if let Some(t) = accept {
+                t.abort();
+                let _ = t.await;
+            }
+            let conns: Vec<_> = state.lock().unwrap().conns.drain(..).collect();
+            for t in conns {
+                t.abort();
+                let _ = t.await;
+            }
+        });
     }
 
     pub fn resume(&mut self) {
         let port = self.port;
-        let listener = self.rt.block_on(async move {
-            for _ in 0..100 {
-                if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
-                    return l;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            panic!("cannot rebind fake upstream port {port}");
-        });
+        let listener = self
+            .rt
+            .block_on(TcpListener::bind(("127.0.0.1", port)))
+            .unwrap_or_else(|e| panic!("cannot listen on fake upstream port {port} again: {e}"));
         self.serve(listener);
     }
 
@@ -299,10 +303,13 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
                     return Ok(());
                 }
                 if sent >= half && fault == Some(Fault::StallMidBlob) {
+                    // The fault itself: an upstream that goes quiet mid-body, longer than any
+                    // test waits for it.
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     return Ok(());
                 }
                 if let Some(d) = delay {
+                    // Pacing, not synchronization: a slow upstream, so fills stay in flight.
                     tokio::time::sleep(d).await;
                 }
                 // Small blobs go out in two pieces so faults mid-body apply to them too.
@@ -311,6 +318,7 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
                     sock.write_all(a).await?;
                     sock.flush().await?;
                     if fault == Some(Fault::StallMidBlob) {
+                        // The stall fault, as above.
                         tokio::time::sleep(Duration::from_secs(30)).await;
                     }
                     return Ok(());

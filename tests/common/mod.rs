@@ -6,28 +6,15 @@ pub mod distribution;
 pub mod dockerd;
 pub mod fake;
 pub mod oci_layout;
+pub mod ports;
+
+pub use ports::free_port;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A free loopback port (bound then released; the tests start their servers right after).
-/// Never the same port twice in one test process: tests run in parallel, and the kernel may
-/// hand a just-released port to the next test before the first one's server has bound it.
-pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    for _ in 0..1000 {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut seen = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.contains(&port) {
-            seen.push(port);
-            return port;
-        }
-    }
-    panic!("no fresh loopback port");
-}
 
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
