@@ -390,6 +390,44 @@ fn a_chunked_manifest_over_the_cap_is_refused_and_not_cached() {
     assert_eq!(r.status(), 200);
 }
 
+#[test]
+fn range_headers_off_the_grammar_are_ignored_on_mirrored_blobs() {
+    let fake = Fake::start();
+    let cold: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let cold_d = fake.add_blob(&cold);
+    let other: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let other_d = fake.add_blob(&other);
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+    let url = |d: &str| format!("{}/v2/library/ranged/blobs/{d}", b.url());
+
+    // Cold (the fill path), then cached (the store path): the whole blob either way.
+    for expect in ["miss", "hit"] {
+        let r = c.get(url(&cold_d)).header("Range", "bytes=x-1").send().unwrap();
+        assert_eq!(r.status(), 200, "{expect}");
+        assert_eq!(r.headers()["x-berth-cache"], expect);
+        assert!(r.headers().get("content-range").is_none(), "{expect}");
+        assert_eq!(r.bytes().unwrap().as_ref(), cold.as_slice(), "{expect}");
+    }
+    let r = c.get(url(&cold_d)).header("Range", "bytes=1-2-3").send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().len(), cold.len());
+    // A range that parses still selects bytes, and one past the end is still 416.
+    let r = c.get(url(&cold_d)).header("Range", "bytes=10-19").send().unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap().as_ref(), &cold[10..20]);
+    let r = c.get(url(&cold_d)).header("Range", format!("bytes={}-", cold.len())).send().unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], format!("bytes */{}", cold.len()).as_str());
+
+    // An unsatisfiable range on a cold blob is 416 too, with the length the upstream announced.
+    let r = c.get(url(&other_d)).header("Range", "bytes=400000-500000").send().unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], format!("bytes */{}", other.len()).as_str());
+    assert_eq!(oci_code(&r.bytes().unwrap()), "BLOB_UPLOAD_INVALID");
+    assert_eq!(fake.count("GET blob"), 2, "one fill per blob");
+}
+
 /// The manifest `auth_upstream` serves for `repo:tag`.
 fn auth_manifest(repo: &str, tag: &str) -> Vec<u8> {
     format!(
