@@ -95,6 +95,10 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static BUILD_INFO: LazyLock<IntGaugeVec> =
     LazyLock::new(|| register_int_gauge_vec!("berth_build_info", "berth version", &["version"]).unwrap());
 
+/// `code` values of `berth_upstream_requests_total` that exist (at 0) from the start for every
+/// upstream.
+const UPSTREAM_CODES_AT_START: [&str; 4] = ["200", "429", "timeout", "error"];
+
 /// Touches every metric so each appears in /metrics from the start, labelled ones with the
 /// label values berth knows in advance.
 pub fn init(upstreams: &[String]) {
@@ -132,8 +136,13 @@ pub fn init(upstreams: &[String]) {
         UPSTREAM_BYTES.with_label_values(&[u]);
         UPSTREAM_DURATION.with_label_values(&[u]);
         STALE_SERVED.with_label_values(&[u]);
-        RATELIMIT_REMAINING.with_label_values(&[u]);
-        UPSTREAM_REQUESTS.with_label_values(&[u.as_str(), "200"]);
+        // The codes the dashboard's upstream panels select: success, rate limiting, and the two
+        // failures that carry no status. Other statuses appear when an upstream first sends them.
+        for code in UPSTREAM_CODES_AT_START {
+            UPSTREAM_REQUESTS.with_label_values(&[u.as_str(), code]);
+        }
+        // No RATELIMIT_REMAINING series until the upstream sends the header: a 0 there would
+        // read as "no pulls left", and many upstreams never announce a limit at all.
     }
     LazyLock::force(&FILLS_IN_FLIGHT);
     LazyLock::force(&FILLS_UNCACHED);

@@ -1191,6 +1191,37 @@ fn blob_range_requests() {
     assert_eq!(header(&r, "accept-ranges"), "bytes");
 }
 
+#[test]
+fn blob_range_headers_off_the_grammar_are_ignored() {
+    // RFC 9110 section 14.2: a Range header that does not parse is ignored, and the whole blob
+    // is the answer; one that parses but selects nothing is 416.
+    let reg = start();
+    let data = random_bytes(2048, 14);
+    let d = reg.push_blob("team/app", &data);
+    let url = format!("/v2/team/app/blobs/{d}");
+    for range in ["bytes=x-1", "bytes=5", "bytes=", "bytes=--5", "bytes=0-1,x", "bytes=1-2-3", "bytes 0-4"] {
+        for m in [Method::GET, Method::HEAD] {
+            let r = reg.req(m.clone(), &url).header("Range", range).send().unwrap();
+            assert_eq!(r.status(), 200, "{m} {range}");
+            assert_eq!(header(&r, "content-range"), "", "{m} {range}");
+            assert_eq!(header(&r, "content-length"), "2048", "{m} {range}");
+            if m == Method::GET {
+                assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice(), "{range}");
+            }
+        }
+    }
+    // Several ranges that the blob can satisfy: the whole blob, as before.
+    let r = reg.req(Method::GET, &url).header("Range", "bytes=0-9,100-109").send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice());
+    // Several ranges of which none is in the blob, and an empty suffix: nothing to send.
+    for range in ["bytes=5000-6000,7000-", "bytes=-0"] {
+        let r = reg.req(Method::GET, &url).header("Range", range).send().unwrap();
+        assert_eq!(header(&r, "content-range"), "bytes */2048", "{range}");
+        assert_error(r, 416, "BLOB_UPLOAD_INVALID");
+    }
+}
+
 // ---- isolation ----
 
 #[test]

@@ -401,3 +401,165 @@ fn a_chunked_manifest_over_the_cap_is_refused_and_not_cached() {
     let r = c.get(format!("{}/v2/library/big/manifests/{}", b.url(), common::digest(&at))).send().unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[test]
+fn range_headers_off_the_grammar_are_ignored_on_mirrored_blobs() {
+    let fake = Fake::start();
+    let cold: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let cold_d = fake.add_blob(&cold);
+    let other: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let other_d = fake.add_blob(&other);
+    let b = Berth::start(&mirror_config(&fake, ""));
+    let c = client();
+    let url = |d: &str| format!("{}/v2/library/ranged/blobs/{d}", b.url());
+
+    // Cold (the fill path), then cached (the store path): the whole blob either way.
+    for expect in ["miss", "hit"] {
+        let r = c.get(url(&cold_d)).header("Range", "bytes=x-1").send().unwrap();
+        assert_eq!(r.status(), 200, "{expect}");
+        assert_eq!(r.headers()["x-berth-cache"], expect);
+        assert!(r.headers().get("content-range").is_none(), "{expect}");
+        assert_eq!(r.bytes().unwrap().as_ref(), cold.as_slice(), "{expect}");
+    }
+    let r = c.get(url(&cold_d)).header("Range", "bytes=1-2-3").send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().len(), cold.len());
+    // A range that parses still selects bytes, and one past the end is still 416.
+    let r = c.get(url(&cold_d)).header("Range", "bytes=10-19").send().unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap().as_ref(), &cold[10..20]);
+    let r = c.get(url(&cold_d)).header("Range", format!("bytes={}-", cold.len())).send().unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], format!("bytes */{}", cold.len()).as_str());
+
+    // An unsatisfiable range on a cold blob is 416 too, with the length the upstream announced.
+    let r = c.get(url(&other_d)).header("Range", "bytes=400000-500000").send().unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], format!("bytes */{}", other.len()).as_str());
+    assert_eq!(oci_code(&r.bytes().unwrap()), "BLOB_UPLOAD_INVALID");
+    assert_eq!(fake.count("GET blob"), 2, "one fill per blob");
+}
+
+/// The manifest `auth_upstream` serves for `repo:tag`.
+fn auth_manifest(repo: &str, tag: &str) -> Vec<u8> {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0}},"layers":[],"annotations":{{"at":"{repo}:{tag}"}}}}"#
+    )
+    .into_bytes()
+}
+
+type AuthLog = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// An upstream that guards each repository its own way, as one registry may: `basic/*` takes
+/// Basic `bot:pw` and challenges with Basic; the others take tokens from its `/token` realm and
+/// challenge with Bearer, alone (`token/*`), after Basic in one header (`both/one-header`) or in
+/// a second header after a Basic one (`both/two-headers`). Logs `<repo> <auth sent> <status>`
+/// for each manifest request and `token` for each token request.
+fn auth_upstream() -> (common::distribution::HttpServer, AuthLog) {
+    use common::distribution::{HttpReq, HttpResp, HttpServer};
+    let log: AuthLog = Arc::default();
+    let seen = log.clone();
+    let server = HttpServer::start(Arc::new(move |req: &HttpReq| {
+        let header = |k: &str| req.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("");
+        if req.path() == "/token" {
+            seen.lock().unwrap().push("token".into());
+            return HttpResp::json(200, serde_json::json!({"token": "tok-1", "expires_in": 300}));
+        }
+        let Some((repo, tag)) = req.path().strip_prefix("/v2/").and_then(|p| p.split_once("/manifests/")) else {
+            return HttpResp::json(200, serde_json::json!({}));
+        };
+        let auth = header("authorization");
+        let sent = if auth.starts_with("Basic ") {
+            "basic"
+        } else if auth.starts_with("Bearer ") {
+            "bearer"
+        } else {
+            "none"
+        };
+        let realm = format!("http://{}/token", header("host"));
+        let (ok, challenges) = match repo {
+            "basic/app" => (auth == "Basic Ym90OnB3", vec!["Basic realm=\"upstream\"".to_string()]),
+            "token/app" => (auth == "Bearer tok-1", vec![format!("Bearer realm=\"{realm}\",service=\"upstream\"")]),
+            "both/one-header" => (auth == "Bearer tok-1", vec![format!("Basic realm=upstream, Bearer realm=\"{realm}\",service=upstream")]),
+            "both/two-headers" => (
+                auth == "Bearer tok-1",
+                vec!["Basic realm=\"upstream\"".to_string(), format!("Bearer realm=\"{realm}\", service=upstream")],
+            ),
+            _ => (false, vec![]),
+        };
+        let status = if ok { 200 } else { 401 };
+        seen.lock().unwrap().push(format!("{repo} {sent} {status}"));
+        if !ok {
+            let body = serde_json::json!({"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]});
+            return challenges.into_iter().fold(HttpResp::json(401, body), |r, c| r.header("WWW-Authenticate", c));
+        }
+        let m = auth_manifest(repo, tag);
+        HttpResp::bytes(200, "application/vnd.oci.image.manifest.v1+json", m.clone()).header("Docker-Content-Digest", common::digest(&m))
+    }));
+    (server, log)
+}
+
+/// A berth mirroring `auth_upstream` as `private.example`, with its credentials or without.
+fn auth_berth(upstream_port: u16, credentials: bool, dir: &std::path::Path) -> Berth {
+    let creds = if credentials {
+        let pw = dir.join("upstream.pw");
+        std::fs::write(&pw, "pw").unwrap();
+        format!("username = \"bot\"\npassword_file = \"{}\"\n", pw.display())
+    } else {
+        String::new()
+    };
+    Berth::start(&format!("[[upstream]]\nname = \"private.example\"\nurl = \"http://127.0.0.1:{upstream_port}\"\n{creds}"))
+}
+
+fn pull_auth_manifest(b: &Berth, repo: &str, tag: &str) -> reqwest::StatusCode {
+    let r = client().get(format!("{}/v2/private.example/{repo}/manifests/{tag}", b.url())).send().unwrap();
+    let status = r.status();
+    if status == 200 {
+        assert_eq!(r.bytes().unwrap().as_ref(), auth_manifest(repo, tag).as_slice(), "{repo}:{tag}");
+    }
+    status
+}
+
+#[test]
+fn basic_auth_for_one_repository_leaves_another_on_tokens() {
+    let (upstream, log) = auth_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let b = auth_berth(upstream.port, true, dir.path());
+    let take = || std::mem::take(&mut *log.lock().unwrap());
+
+    assert_eq!(pull_auth_manifest(&b, "basic/app", "v1"), 200);
+    assert_eq!(take(), ["basic/app none 401", "basic/app basic 200"]);
+    // The Basic answer above must not make berth send Basic where the upstream wants a token.
+    assert_eq!(pull_auth_manifest(&b, "token/app", "v1"), 200);
+    assert_eq!(take(), ["token/app none 401", "token", "token/app bearer 200"]);
+    // Each repository is then asked its own way up front: no 401, no second token.
+    assert_eq!(pull_auth_manifest(&b, "basic/app", "v2"), 200);
+    assert_eq!(pull_auth_manifest(&b, "token/app", "v2"), 200);
+    assert_eq!(take(), ["basic/app basic 200", "token/app bearer 200"]);
+}
+
+#[test]
+fn an_upstream_offering_basic_and_bearer_is_answered_with_a_token() {
+    let (upstream, log) = auth_upstream();
+    for credentials in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let b = auth_berth(upstream.port, credentials, dir.path());
+        for repo in ["both/one-header", "both/two-headers"] {
+            log.lock().unwrap().clear();
+            assert_eq!(pull_auth_manifest(&b, repo, "v1"), 200, "{repo}, credentials: {credentials}");
+            assert_eq!(
+                *log.lock().unwrap(),
+                [format!("{repo} none 401"), "token".to_string(), format!("{repo} bearer 200")],
+                "credentials: {credentials}"
+            );
+        }
+        // Basic alone, with nothing to answer it: the upstream's refusal, named.
+        if !credentials {
+            let r = client().get(format!("{}/v2/private.example/basic/app/manifests/v1", b.url())).send().unwrap();
+            assert_eq!(r.status(), 403);
+            let body = r.bytes().unwrap();
+            assert_eq!(oci_code(&body), "DENIED");
+            assert!(String::from_utf8_lossy(&body).contains("private.example"));
+        }
+    }
+}

@@ -73,3 +73,29 @@ fn tags_list_pages_follow_the_upstream_with_links_back_to_berth() {
         ]
     );
 }
+
+#[test]
+fn next_links_are_found_however_the_upstream_writes_them() {
+    // Each way a registry may announce the next page of `acme/tool` after tag `a`: unquoted
+    // `rel`, beside other links in one header, or in a second `Link` header.
+    let next = "</v2/acme/tool/tags/list?n=1&last=a>";
+    let variants: Vec<Vec<String>> = vec![
+        vec![format!("{next}; rel=next")],
+        vec![format!("</v2/acme/tool/tags/list?n=1>; rel=\"first\", {next}; rel=\"next\"")],
+        vec!["</v2/acme/tool/tags/list?n=1>; rel=\"first\"".into(), format!("{next};rel=\"next\"")],
+    ];
+    for links in variants {
+        let sent = links.clone();
+        let upstream = HttpServer::start(Arc::new(move |req: &HttpReq| {
+            let r = HttpResp::json(200, serde_json::json!({"name": "acme/tool", "tags": ["a"]}));
+            if req.path() != "/v2/acme/tool/tags/list" {
+                return HttpResp::json(200, serde_json::json!({}));
+            }
+            sent.iter().fold(r, |r, l| r.header("Link", l.clone()))
+        }));
+        let b = Berth::start(&format!("[[upstream]]\nname = \"ghcr.io\"\nurl = \"http://127.0.0.1:{}\"\n", upstream.port));
+        let (link, body) = get(&format!("{}/v2/ghcr.io/acme/tool/tags/list?n=1", b.url()));
+        assert_eq!(body["tags"], serde_json::json!(["a"]));
+        assert_eq!(link.as_deref(), Some("</v2/ghcr.io/acme/tool/tags/list?n=1&last=a>; rel=\"next\""), "{links:?}");
+    }
+}

@@ -419,7 +419,8 @@ impl Mirror {
         }
         match client.send(Method::GET, repo.as_str(), &path, None).await {
             Ok(r) if r.status().is_success() => {
-                let next_page = r.headers().get(reqwest::header::LINK).and_then(|v| v.to_str().ok()).and_then(|l| next_page(l, req));
+                let links = r.headers().get_all(reqwest::header::LINK).iter().filter_map(|v| v.to_str().ok());
+                let next_page = next_link(links).and_then(|target| next_page(&target, &upstream.url, req));
                 let body = client.read_body(r, MAX_LIST_BYTES, "tags list").await.map_err(|e| e.to_oci(&upstream.name))?;
                 Ok(match next_page {
                     Some(link) => Response::new(200).json(body).header("Link", link),
@@ -466,17 +467,31 @@ impl Mirror {
     }
 }
 
-/// The upstream's `Link: <...?n=&last=>; rel="next"` rewritten to the same page of the path
-/// the client asked: the upstream's path names the repository as the upstream knows it, which
-/// does not route back through berth.
-fn next_page(link: &str, req: &Request<'_>) -> Option<String> {
-    if !link.contains("rel=\"next\"") {
-        return None;
-    }
-    let target = link.split_once('<')?.1.split_once('>')?.0;
-    let query = target.split_once('?')?.1;
+/// The target of the first link with relation type `next` among an upstream's `Link` values:
+/// one header may carry several links and a response several headers, `rel` may be quoted or
+/// not and list several types. A value that does not parse as RFC 8288 is skipped.
+fn next_link<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    type ParseError<'s> = nom_language::error::VerboseError<&'s str>;
+    let is_next = |l: &nom_rfc8288::complete::LinkData<'_>| {
+        l.params.iter().any(|p| {
+            p.key.eq_ignore_ascii_case("rel")
+                && p.val.as_deref().is_some_and(|v| v.split_ascii_whitespace().any(|r| r.eq_ignore_ascii_case("next")))
+        })
+    };
+    values.into_iter().find_map(|v| {
+        let links = nom_rfc8288::complete::link_lenient::<ParseError<'_>>(v.trim()).ok()?;
+        links.into_iter().flatten().find(is_next).map(|l| l.url.to_string())
+    })
+}
+
+/// The upstream's next-page link target (`...?n=&last=`) rewritten to the same page of the
+/// path the client asked: the upstream's path names the repository as the upstream knows it,
+/// which does not route back through berth.
+fn next_page(target: &str, upstream: &url::Url, req: &Request<'_>) -> Option<String> {
+    // A relative target resolves against the upstream; only its query matters.
+    let target = upstream.join(target).ok()?;
     let mut q = url::form_urlencoded::Serializer::new(String::new());
-    q.extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "n" || k == "last"));
+    q.extend_pairs(target.query_pairs().filter(|(k, _)| k == "n" || k == "last"));
     if let Some(ns) = req.param("ns") {
         q.append_pair("ns", &ns);
     }
@@ -559,6 +574,25 @@ async fn fetch_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_links_are_found_whatever_the_quoting_order_or_header_count() {
+        let next = "/v2/r/tags/list?n=2&last=b";
+        for values in [
+            vec![r#"</v2/r/tags/list?n=2&last=b>; rel="next""#],
+            vec!["</v2/r/tags/list?n=2&last=b>; rel=next"],
+            vec!["</v2/r/tags/list?n=2&last=b>;rel=NEXT"],
+            vec![r#"</v2/r/tags/list?n=2>; rel="first", </v2/r/tags/list?n=2&last=b>; rel="next""#],
+            vec![r#"</v2/r/tags/list?n=2&last=b>; rel="prev next"; title="a, b""#],
+            vec![r#"</v2/r/tags/list?n=2>; rel="first""#, "</v2/r/tags/list?n=2&last=b>; rel=next"],
+            vec!["not a link", "</v2/r/tags/list?n=2&last=b>; rel=next"],
+        ] {
+            assert_eq!(next_link(values.iter().copied()).as_deref(), Some(next), "{values:?}");
+        }
+        for values in [vec![], vec![r#"</v2/r/tags/list?n=2>; rel="first""#], vec!["</x>; rel=nextish"], vec!["garbage"]] {
+            assert_eq!(next_link(values.iter().copied()), None, "{values:?}");
+        }
+    }
 
     #[test]
     fn tag_checks_are_bounded_and_live_as_long_as_the_longest_tag_ttl() {

@@ -18,38 +18,29 @@ pub async fn manifest(store: &Arc<Store>, d: &Digest, meta: &ManifestMeta) -> Re
         .body(Body::Full(bytes)))
 }
 
-/// Parses a single `bytes=` range against a length. `Ok(None)`: serve the whole blob.
+/// The part of a blob of `len` bytes a `Range` header asks for. `Ok(None)`: serve the whole
+/// blob, which is also the answer to a header that does not follow the grammar (RFC 9110
+/// section 14.2 lets a server ignore it) and to several ranges (berth sends no multipart
+/// bodies). A range that follows the grammar but selects no byte of the blob (`bytes=len-`,
+/// `bytes=-0`, or a last position before the first, as nginx and Go's file server also treat
+/// it) is an error: `416` with the blob's length.
 pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, OciError> {
+    use http_range_header::{RangeInvalid, RangeUnsatisfiableError};
     let Some(h) = header else { return Ok(None) };
     let unsatisfiable = || OciError::msg(ErrorCode::RangeInvalid, format!("range {h:?} not satisfiable for {len} bytes"));
-    let Some(spec) = h.trim().strip_prefix("bytes=") else { return Ok(None) };
-    if spec.contains(',') {
-        // Multiple ranges: allowed to ignore and send the whole representation.
-        return Ok(None);
-    }
-    let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().map_err(|_| unsatisfiable())?;
-            if n == 0 || len == 0 {
-                return Err(unsatisfiable());
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (s, "") => (s.parse().map_err(|_| unsatisfiable())?, len.saturating_sub(1)),
-        (s, e) => {
-            let s: u64 = s.parse().map_err(|_| unsatisfiable())?;
-            let e: u64 = e.parse().map_err(|_| unsatisfiable())?;
-            if e < s {
-                return Err(unsatisfiable());
-            }
-            (s, e.min(len.saturating_sub(1)))
-        }
+    let ranges = match http_range_header::parse_range_header(h.trim()) {
+        Ok(r) => r,
+        Err(RangeUnsatisfiableError::Invalid(RangeInvalid::Reversed)) => return Err(unsatisfiable()),
+        Err(_) => return Ok(None),
     };
-    if start >= len {
-        return Err(unsatisfiable());
+    match ranges.validate(len) {
+        Ok(r) if r.len() == 1 => Ok(Some((*r[0].start(), *r[0].end()))),
+        // Several ranges, or a suffix of an empty blob (which is all of it).
+        Ok(_) => Ok(None),
+        Err(RangeUnsatisfiableError::Unsatisfiable) => Err(unsatisfiable()),
+        // Overlapping ranges: the whole blob is an answer to them too.
+        Err(_) => Ok(None),
     }
-    Ok(Some((start, end)))
 }
 
 pub fn range_error(e: OciError, len: u64) -> Response {
@@ -94,12 +85,39 @@ mod tests {
     fn ranges() {
         assert_eq!(parse_range(None, 10).unwrap(), None);
         assert_eq!(parse_range(Some("bytes=0-4"), 10).unwrap(), Some((0, 4)));
+        assert_eq!(parse_range(Some(" bytes=0-4 "), 10).unwrap(), Some((0, 4)));
         assert_eq!(parse_range(Some("bytes=5-"), 10).unwrap(), Some((5, 9)));
         assert_eq!(parse_range(Some("bytes=-3"), 10).unwrap(), Some((7, 9)));
+        assert_eq!(parse_range(Some("bytes=-30"), 10).unwrap(), Some((0, 9)));
         assert_eq!(parse_range(Some("bytes=8-100"), 10).unwrap(), Some((8, 9)));
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10).unwrap(), None);
-        for bad in ["bytes=10-", "bytes=5-2", "bytes=x-1", "bytes=-0"] {
+        assert_eq!(parse_range(Some("bytes=0-5,2-6,3-7"), 10).unwrap(), None, "overlapping ranges");
+        assert_eq!(parse_range(Some("bytes=-5"), 0).unwrap(), None, "a suffix of nothing is nothing");
+        for bad in ["bytes=10-", "bytes=5-2", "bytes=-0", "bytes=10-20", "bytes=10-20,30-", "bytes=0-1,5-2"] {
             assert_eq!(parse_range(Some(bad), 10).unwrap_err().status(), 416, "{bad}");
+        }
+        assert_eq!(parse_range(Some("bytes=0-"), 0).unwrap_err().status(), 416);
+    }
+
+    #[test]
+    fn a_range_header_off_the_grammar_is_ignored() {
+        for malformed in [
+            "bytes=x-1",
+            "bytes=1-x",
+            "bytes=-x",
+            "bytes=5",
+            "bytes=",
+            "bytes=--5",
+            "bytes=+1-2",
+            "bytes=0-1,x",
+            "bytes=1-2-3",
+            "bytes 0-4",
+            "items=0-4",
+            "0-4",
+            "",
+            "bytes=0-00000000000000000000000000000000000001",
+        ] {
+            assert_eq!(parse_range(Some(malformed), 10).unwrap(), None, "{malformed:?}");
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The client side: talking to one upstream registry. Bearer tokens from the
 //! `WWW-Authenticate` challenge (anonymous or with the configured credentials), cached per scope
-//! and fetched once for concurrent requests; Basic-auth upstreams; redirects followed with
-//! credentials dropped on a cross-host hop (reqwest's policy); connect and first-byte timeouts.
-//! Never imports pingora's server types.
+//! and fetched once for concurrent requests; Basic auth for the repositories whose challenge asks
+//! for it; redirects followed with credentials dropped on a cross-host hop (reqwest's policy);
+//! connect and first-byte timeouts. Never imports pingora's server types.
 
 mod challenge;
 
@@ -29,6 +29,8 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Tokens are cached per repository scope, so a client walking many repositories would
 /// otherwise grow the cache without end; past this many the least used are fetched again.
 const MAX_TOKENS: u64 = 10_000;
+/// The same bound for the scopes remembered as taking Basic: one forgotten costs one 401.
+const MAX_BASIC_SCOPES: u64 = 10_000;
 
 /// Caps for upstream bodies read whole into memory. Anything between berth and the upstream
 /// can send a body of any size, with or without a Content-Length.
@@ -190,8 +192,10 @@ pub struct Client {
     tokens: moka::sync::Cache<String, Token>,
     /// One token fetch per scope at a time; later requests wait and reuse it.
     token_locks: TokenLocks,
-    /// Remembered challenge scheme, so later requests authenticate up front.
-    basic: std::sync::atomic::AtomicBool,
+    /// Scopes whose last challenge chose Basic, so their later requests send the credentials up
+    /// front. Per scope, not per upstream: one registry may guard some repositories with Basic
+    /// and others with tokens, and a Basic answer for one must not change how another is asked.
+    basic_scopes: moka::sync::Cache<String, ()>,
 }
 
 impl Client {
@@ -208,7 +212,7 @@ impl Client {
             http,
             tokens: token_cache(MAX_TOKENS),
             token_locks: Mutex::new(HashMap::new()),
-            basic: std::sync::atomic::AtomicBool::new(false),
+            basic_scopes: moka::sync::Cache::new(MAX_BASIC_SCOPES),
         }
     }
 
@@ -250,7 +254,7 @@ impl Client {
     }
 
     fn auth_for(&self, scope: &str) -> Option<HeaderValue> {
-        if self.basic.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.basic_scopes.contains_key(scope) {
             return self.basic_header();
         }
         let t = self.cached_token(scope)?;
@@ -284,6 +288,7 @@ impl Client {
             if from > 0 {
                 headers.insert(reqwest::header::RANGE, HeaderValue::from_str(&format!("bytes={from}-")).expect("range is ascii"));
             }
+            let sent_basic = self.basic_scopes.contains_key(&scope);
             if let Some(auth) = self.auth_for(&scope) {
                 headers.insert(AUTHORIZATION, auth);
             }
@@ -292,17 +297,18 @@ impl Client {
                 return Ok(resp);
             }
             retried = true;
-            let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(Challenge::parse);
-            match challenge {
-                Some(Challenge::Basic) if self.upstream.credentials.is_some() => {
-                    self.basic.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+            let offered = resp.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
+            match Challenge::choose(offered, self.upstream.credentials.is_some()) {
+                // The credentials were sent and refused: asking again changes nothing.
+                Some(Challenge::Basic) if sent_basic => return Ok(resp),
+                Some(Challenge::Basic) => self.basic_scopes.insert(scope.clone(), ()),
                 Some(Challenge::Bearer { realm, service, scope: challenge_scope }) => {
+                    self.basic_scopes.invalidate(&scope);
                     let want = challenge_scope.unwrap_or_else(|| scope.clone());
                     self.tokens.invalidate(&scope);
                     self.fetch_token(&realm, service.as_deref(), &want, &scope).await?;
                 }
-                _ => return Ok(resp),
+                None => return Ok(resp),
             }
         }
     }
