@@ -16,6 +16,7 @@
 //! `auth` decides who may do what without knowing HTTP.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod fill;
 pub mod http;

@@ -52,6 +52,19 @@ impl BackgroundService for Maintenance {
             if expired > 0 {
                 tracing::info!(expired, "removed expired upload sessions");
             }
+            // In a cluster the lease holder collects and evicts for the whole bucket.
+            let cluster = self.registry.cluster();
+            if cluster.is_some_and(|c| !c.is_leader()) {
+                continue;
+            }
+            if cluster.is_some() {
+                let store = self.registry.store.clone();
+                match tokio::task::spawn_blocking(move || store.enforce_cache_bound_from_index()).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(bytes = n, "evicted mirrored content past the cache bound"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cache eviction failed"),
+                    _ => {}
+                }
+            }
             if last_gc.elapsed() >= storage.gc_interval {
                 last_gc = Instant::now();
                 match self.registry.gc(false).await {

@@ -112,6 +112,7 @@ struct Drainer {
     health: Arc<Health>,
     in_flight: Arc<InFlight>,
     grace: Duration,
+    registry: Arc<Registry>,
 }
 
 #[async_trait]
@@ -123,6 +124,11 @@ impl BackgroundService for Drainer {
             }
         }
         start_draining(&self.health);
+        if let Some(c) = self.registry.cluster() {
+            // The others stop sending owner requests here; what is in flight finishes.
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.leave()).await;
+        }
         let pending = self.in_flight.count();
         match tokio::time::timeout(self.grace, self.in_flight.idle()).await {
             Ok(()) => tracing::info!(drained = pending, "in-flight requests finished; exiting"),
@@ -173,6 +179,11 @@ pub fn build(config: Config) -> Result<Built, StartError> {
     return_freed_memory(Duration::from_secs(10));
     crate::metrics::init(&config.upstreams.iter().map(|u| u.name.clone()).collect::<Vec<_>>());
     let registry = Registry::new(config.clone(), store.clone()).map_err(StartError::Auth)?;
+    if let Some(c) = &config.cluster {
+        check_bindable("cluster.listen", c.listen)?;
+        let cluster = crate::cluster::Cluster::start(c, &store).map_err(StartError::Store)?;
+        registry.join(cluster);
+    }
     let conf = ServerConf {
         threads: config.threads,
         // A backstop only: Drainer exits when the grace ends.
@@ -185,7 +196,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
     let health = Arc::new(Health::default());
     let in_flight = Arc::new(InFlight::default());
     let mut plain = Vec::new();
-    let app = Arc::new(RegistryApp { registry: registry.clone(), in_flight: in_flight.clone() });
+    let app = Arc::new(RegistryApp { registry: registry.clone(), in_flight: in_flight.clone(), peer: false });
     let mut svc = Service::new("berth registry".to_string(), crate::http::front::Front { app, conns: Default::default() });
     if let Some(listen) = config.listen {
         check_bindable("server.listen", listen)?;
@@ -197,6 +208,13 @@ pub fn build(config: Config) -> Result<Built, StartError> {
         svc.add_tls_with_settings(&tls.listen.to_string(), None, crate::tls::listener_settings(&tls.identity));
     }
     server.add_service(svc);
+    if let Some(c) = &config.cluster {
+        let app = Arc::new(RegistryApp { registry: registry.clone(), in_flight: in_flight.clone(), peer: true });
+        let mut peer = Service::new("berth peer".to_string(), crate::http::front::Front { app, conns: Default::default() });
+        peer.add_tcp(&c.listen.to_string());
+        server.add_service(peer);
+        plain.push(c.listen);
+    }
     if let Some(addr) = config.admin_listen {
         let listener =
             std::net::TcpListener::bind(addr).map_err(|source| StartError::Listen { key: "server.admin_listen", addr, source })?;
@@ -211,7 +229,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
         ReadinessProbe { health: health.clone(), plain, tls: config.tls.as_ref().map(|t| t.listen) },
     ));
     server.add_service(background_service("maintenance", crate::maintenance::Maintenance { registry: registry.clone() }));
-    server.add_service(background_service("drain", Drainer { health: health.clone(), in_flight, grace }));
+    server.add_service(background_service("drain", Drainer { health: health.clone(), in_flight, grace, registry: registry.clone() }));
     Ok(Built { server, registry, signals: Signals { health, grace } })
 }
 

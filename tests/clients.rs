@@ -67,16 +67,6 @@ fn tar_gz(root: &Path, out: &Path) -> Vec<u8> {
     gz.stdout
 }
 
-/// A root filesystem holding the static busybox and a marker file.
-fn busybox_rootfs(root: &Path, marker: &str) {
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::copy(oci_layout::STATIC_BUSYBOX, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("etc/marker"), format!("{marker}\n")).unwrap();
-}
 
 #[test]
 fn skopeo_copies_a_multi_arch_oci_index_into_berth_and_back() {
@@ -130,7 +120,7 @@ fn skopeo_copies_a_multi_arch_oci_index_into_berth_and_back() {
 fn docker_v2_dir(dir: &Path, scratch: &Path) -> Vec<u8> {
     std::fs::create_dir_all(dir).unwrap();
     let root = scratch.join("rootfs");
-    busybox_rootfs(&root, "docker-v2");
+    oci_layout::busybox_rootfs(&root, "docker-v2");
     let layer = tar_gz(&root, &scratch.join("layer"));
     let diff_id = {
         let tar = std::fs::read(scratch.join("layer.tar")).unwrap();
@@ -206,7 +196,7 @@ fn docker_daemon_pushes_pulls_and_runs_a_hosted_image() {
     // The image: a root filesystem with the static busybox, imported offline.
     let work = tempfile::tempdir().unwrap();
     let root = work.path().join("rootfs");
-    busybox_rootfs(&root, "pushed through berth");
+    oci_layout::busybox_rootfs(&root, "pushed through berth");
     let tar = work.path().join("rootfs.tar");
     cmd::run(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."), CLIENT_LIMIT).expect_ok();
     let image = format!("{host}/team/app:1");

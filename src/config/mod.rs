@@ -42,6 +42,27 @@ struct File {
     #[serde(default)]
     upstream: Vec<UpstreamFile>,
     auth: Option<AuthFile>,
+    cluster: Option<ClusterFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    advertise: String,
+    listen: String,
+    secret_file: PathBuf,
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    heartbeat: Duration,
+    #[serde(default = "default_member_timeout", with = "humantime_serde")]
+    member_timeout: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_member_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +300,20 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// `None`: no access control, as registry:2 without auth.
     pub auth: Option<AuthConfig>,
+    /// `[cluster]`: several nodes on one bucket.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// How the other nodes reach this one's peer listener.
+    pub advertise: url::Url,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    pub heartbeat: Duration,
+    /// A member whose heartbeat is older than this has left.
+    pub member_timeout: Duration,
 }
 
 /// The HTTPS listener (h2 and http/1.1). The identity was read and checked at load.
@@ -581,6 +616,36 @@ impl Config {
                 })
             }
         };
+        let cluster = match f.cluster {
+            None => None,
+            Some(c) => {
+                if s3.is_none() {
+                    return Err(invalid("cluster", "needs [storage.s3]: the nodes share one bucket"));
+                }
+                let advertise = url::Url::parse(&c.advertise).map_err(|e| invalid("cluster.advertise", format!("{:?}: {e}", c.advertise)))?;
+                if advertise.scheme() != "http" || advertise.host_str().is_none() {
+                    return Err(invalid("cluster.advertise", format!("{:?} must be an http:// URL with a host", c.advertise)));
+                }
+                let listen: SocketAddr = c.listen.parse().map_err(|e| invalid("cluster.listen", format!("{:?}: {e}", c.listen)))?;
+                let secret = std::fs::read_to_string(&c.secret_file)
+                    .map_err(|e| invalid("cluster.secret_file", format!("{}: {e}", c.secret_file.display())))?
+                    .trim()
+                    .to_string();
+                if secret.len() < 16 {
+                    return Err(invalid("cluster.secret_file", "the secret must be at least 16 characters (e.g. openssl rand -hex 32)"));
+                }
+                if c.heartbeat.is_zero() || c.member_timeout < c.heartbeat * 2 {
+                    return Err(invalid("cluster.member_timeout", "must be at least twice the heartbeat"));
+                }
+                Some(ClusterConfig {
+                    advertise,
+                    listen,
+                    secret: Secret::new(secret),
+                    heartbeat: c.heartbeat,
+                    member_timeout: c.member_timeout,
+                })
+            }
+        };
         if s3.is_none() && f.storage.hot_tier_bytes.is_some() {
             return Err(invalid("storage.hot_tier_bytes", "applies to [storage.s3] only (the local disk is the store otherwise)"));
         }
@@ -607,6 +672,7 @@ impl Config {
             namespaces,
             upstreams,
             auth,
+            cluster,
         })
     }
 

@@ -30,6 +30,8 @@ const CHUNK: usize = 512 << 10;
 pub struct RegistryApp {
     pub registry: Arc<Registry>,
     pub in_flight: Arc<InFlight>,
+    /// The cluster's peer listener: every request must carry a member's signature.
+    pub peer: bool,
 }
 
 /// Requests between their head arriving and their response finishing: what a graceful stop
@@ -144,7 +146,18 @@ impl HttpServerApp for RegistryApp {
             headers.get(http::header::EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers, client, tls };
+        if self.peer {
+            let signed = head.uri.path_and_query().map_or(path.as_str(), |pq| pq.as_str());
+            let member = self.registry.cluster().is_some_and(|c| {
+                c.verify(headers.get(crate::cluster::PEER_HEADER).and_then(|v| v.to_str().ok()), method.as_str(), signed)
+            });
+            if !member {
+                let e = OciError::msg(ErrorCode::Unauthorized, "the peer listener serves cluster members only (bad or missing signature)");
+                let _ = within(Duration::from_secs(2), answer_and_close(&mut session, &e)).await;
+                return None;
+            }
+        }
+        let req = Request { method: &method, path: &path, query: query.as_deref(), headers: &headers, client, tls, peer: self.peer };
         let mut outcome = Outcome::default();
         let (resp, continue_withheld, body_broken) = {
             let mut body = SessionBody { session: &mut session, expect_continue, limits, broken: false };

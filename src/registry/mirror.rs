@@ -33,6 +33,8 @@ pub struct Mirror {
     tag_checked: moka::sync::Cache<String, Instant>,
     /// Manifest fetches in flight, shared by concurrent requests.
     manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
+    /// With `[cluster]`: cold blobs and tag checks go to their owner.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Forgetting a check only costs a HEAD on the tag's next pull, so the table can be bounded.
@@ -62,7 +64,95 @@ impl Mirror {
             fills: Arc::new(Fills::default()),
             tag_checked,
             manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn join(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster and the owner of `key` when another node owns it. A request a peer sent
+    /// is always served here: the peer chose this node as the owner.
+    fn owner_elsewhere(&self, req: &Request<'_>, key: &str) -> Option<(Arc<crate::cluster::Cluster>, crate::cluster::Member)> {
+        if req.peer {
+            return None;
+        }
+        let c = self.cluster.get()?;
+        c.owner_elsewhere(key).map(|o| (c.clone(), o))
+    }
+
+    /// Asks the owner of a manifest reference for it, so that one node per reference talks to
+    /// the upstream (fetches, and tag checks after `tag_ttl`). `None`: the owner could not
+    /// answer; the caller does the work itself.
+    async fn ask_owner(
+        &self,
+        req: &Request<'_>,
+        upstream: &Upstream,
+        repo: &RepoName,
+        key: &str,
+        reference: &Reference,
+        outcome: &mut Outcome,
+    ) -> Option<Result<Response, OciError>> {
+        use crate::cluster::FORWARDS;
+        let (c, owner) = self.owner_elsewhere(req, &format!("{key}:{reference}"))?;
+        let path = format!("/v2/{}/{repo}/manifests/{reference}", upstream.name);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::ACCEPT, reqwest::header::HeaderValue::from_static(ACCEPT_ALL));
+        let fallback = |why: String| {
+            FORWARDS.with_label_values(&["manifest", "fallback"]).inc();
+            tracing::warn!(owner = %owner.url, reference = %reference, error = %why, "manifest owner unavailable; asking the upstream");
+            None
+        };
+        let r = match c.get(&owner, &path, headers).await {
+            Ok(r) => r,
+            Err(e) => return fallback(e),
+        };
+        match r.status().as_u16() {
+            200 => {}
+            404 => {
+                FORWARDS.with_label_values(&["manifest", "ok"]).inc();
+                return Some(Err(OciError::msg(
+                    ErrorCode::ManifestUnknown,
+                    format!("{}/{repo}:{reference} does not exist upstream", upstream.name),
+                )));
+            }
+            s => return fallback(format!("owner answered {s}")),
+        }
+        let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (Some(media_type), Some(digest)) = (header("content-type"), header("docker-content-digest")) else {
+            return fallback("owner answered without a digest or media type".into());
+        };
+        let (cache, warning) = (header("x-berth-cache"), header("warning"));
+        let bytes = match crate::upstream::read_capped(r.bytes_stream(), MAX_MANIFEST_BYTES, "manifest").await {
+            Ok(b) => b,
+            Err(e) => return fallback(format!("{e:?}")),
+        };
+        let Ok(d) = Digest::parse(&digest) else { return fallback(format!("owner sent digest {digest:?}")) };
+        if Digest::of(d.algorithm(), &bytes) != d || matches!(reference, Reference::Digest(want) if *want != d) {
+            return fallback("owner's manifest does not match its digest".into());
+        }
+        FORWARDS.with_label_values(&["manifest", "ok"]).inc();
+        if let Reference::Tag(t) = reference {
+            self.tag_checked.insert(format!("{key}:{t}"), Instant::now());
+        }
+        let result = match cache.as_deref() {
+            Some("hit") => "hit",
+            Some("stale") => "stale",
+            Some("coalesced") => "coalesced",
+            _ => "miss",
+        };
+        metrics::CACHE_REQUESTS.with_label_values(&["manifest", result]).inc();
+        outcome.cache = Some(result);
+        let mut resp = Response::new(200)
+            .header("Content-Type", media_type)
+            .header("Docker-Content-Digest", digest.clone())
+            .header("ETag", format!("\"{digest}\""))
+            .header("X-Berth-Cache", result);
+        if let Some(w) = warning {
+            resp = resp.header("Warning", w);
+        }
+        Some(Ok(resp.body(Body::Full(bytes))))
     }
 
     pub fn upstream_named(&self, host: &str) -> Option<Arc<Upstream>> {
@@ -119,6 +209,9 @@ impl Mirror {
                     outcome.cache = Some("hit");
                     return serve::manifest(&self.store, d, &meta).await.map(|r| cache_header(r, "hit"));
                 }
+                if let Some(r) = self.ask_owner(req, upstream, repo, key, reference, outcome).await {
+                    return r;
+                }
                 let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
                 count(result);
                 outcome.cache = Some(result);
@@ -131,6 +224,9 @@ impl Mirror {
                     None => None,
                 };
                 let Some((cd, cmeta)) = cached else {
+                    if let Some(r) = self.ask_owner(req, upstream, repo, key, reference, outcome).await {
+                        return r;
+                    }
                     let (d, meta, _, result) = self.fetch_manifest(upstream, repo, key, reference).await?;
                     self.tag_checked.insert(tag_key, Instant::now());
                     count(result);
@@ -143,6 +239,9 @@ impl Mirror {
                     count("hit");
                     outcome.cache = Some("hit");
                     return serve::manifest(&self.store, &cd, &cmeta).await.map(|r| cache_header(r, "hit"));
+                }
+                if let Some(r) = self.ask_owner(req, upstream, repo, key, reference, outcome).await {
+                    return r;
                 }
                 // Revalidate with a HEAD: same digest → still good.
                 let client = self.client(upstream);
@@ -364,7 +463,13 @@ impl Mirror {
                 )
             }
         };
-        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", opener.clone()).await {
+        // In a cluster the digest's owner fetches it once for every node; the others stream
+        // its fill and take over from the upstream if it fails.
+        let source = match self.owner_elsewhere(req, &d.to_string()) {
+            Some((c, owner)) => c.owner_opener(owner, format!("/v2/{}/{repo}/blobs/{d}", upstream.name), opener.clone()),
+            None => opener.clone(),
+        };
+        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", source).await {
             Ok(x) => x,
             // Not even a temp file fits.
             Err(e) if e.code == ErrorCode::InsufficientStorage => return uncached(outcome, false).await,

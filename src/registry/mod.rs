@@ -48,6 +48,9 @@ pub struct Request<'a> {
     pub client: Option<IpAddr>,
     /// Arrived over TLS: the token realm announced to this client is https.
     pub tls: bool,
+    /// Arrived on the cluster's peer listener, signed by a member: the member already applied
+    /// its client's access rules, and the request is served here, never forwarded again.
+    pub peer: bool,
 }
 
 impl Request<'_> {
@@ -72,6 +75,8 @@ pub struct Registry {
     pub mirror: Arc<mirror::Mirror>,
     /// `None`: no `[auth]`, everything is open.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Set once at start with `[cluster]`.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// What the access log and metrics need to know about a handled request.
@@ -100,7 +105,17 @@ impl Registry {
             Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &**store.blobs())?)),
             None => None,
         };
-        Ok(Arc::new(Registry { store, config, mirror, auth }))
+        Ok(Arc::new(Registry { store, config, mirror, auth, cluster: std::sync::OnceLock::new() }))
+    }
+
+    /// Joins the registry (and its mirror) to a cluster; once, at start.
+    pub fn join(&self, cluster: Arc<crate::cluster::Cluster>) {
+        self.mirror.join(cluster.clone());
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
     }
 
     /// The lifecycle policy of a hosted repository; None for mirrored ones.
@@ -191,11 +206,15 @@ impl Registry {
         if req.path == access::TOKEN_PATH {
             return token::handle(self, req, body, outcome).await;
         }
+        if req.peer && req.path == crate::cluster::JOURNAL_PATH {
+            return self.peer_wrote(req).await;
+        }
         let Some(ep) = route::parse_for(req.method, req.path)? else {
             return Err(OciError::msg(ErrorCode::NameUnknown, format!("no such endpoint {}", req.path)));
         };
         outcome.route = ep.label();
         let caller = match self.caller(req, outcome).await {
+            _ if req.peer => None,
             Ok(c) => c,
             Err(refused) => return Ok(refused),
         };
@@ -258,6 +277,25 @@ impl Registry {
                 self.mirror.handle(req, &ep, &upstream, &repo, outcome).await
             }
         }
+    }
+}
+
+impl Registry {
+    /// A peer wrote journal entry `seq` and waits to answer its client until this node has
+    /// applied it.
+    async fn peer_wrote(&self, req: &Request<'_>) -> Result<Response, OciError> {
+        if *req.method != Method::POST {
+            return Err(OciError::new(ErrorCode::MethodNotAllowed));
+        }
+        let seq: u64 = req.param("seq").and_then(|s| s.parse().ok()).ok_or_else(|| OciError::msg(ErrorCode::Unsupported, "seq is required"))?;
+        let Some(journal) = self.store.journal().cloned() else {
+            return Err(OciError::msg(ErrorCode::Unsupported, "this node has no metadata journal"));
+        };
+        let caught_up = crate::store::blocking(move || journal.catch_up_to(seq)).await?;
+        if !caught_up {
+            return Err(OciError::msg(ErrorCode::StorageUnavailable, format!("journal entry {seq} is not readable yet")));
+        }
+        Ok(Response::new(204))
     }
 }
 

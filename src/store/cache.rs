@@ -44,7 +44,12 @@ impl Lru {
         if g.entries.contains_key(d) {
             return;
         }
-        let tick = ordinal.min(LIVE_TICKS - 1);
+        let mut tick = ordinal.min(LIVE_TICKS - 1);
+        // Seeding again (a cluster's leader recounting what other nodes filled) must not take
+        // the place of an entry already in the order.
+        while g.order.contains_key(&tick) && tick < LIVE_TICKS - 1 {
+            tick += 1;
+        }
         g.entries.insert(d.clone(), (size, tick));
         g.order.insert(tick, d.clone());
         g.bytes += size;
@@ -138,7 +143,7 @@ impl Store {
             return;
         }
         self.account(d);
-        if self.lru.bytes() > max && !self.lru.evicting.swap(true, Ordering::AcqRel) {
+        if self.lru.bytes() > max && self.evicts.load(Ordering::Relaxed) && !self.lru.evicting.swap(true, Ordering::AcqRel) {
             let s = self.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = s.enforce_cache_bound(max) {
@@ -158,12 +163,32 @@ impl Store {
             return;
         }
         self.account(d);
-        if self.lru.bytes() > max {
+        if self.lru.bytes() > max && self.evicts.load(Ordering::Relaxed) {
             let s = self.clone();
             if let Err(e) = super::blocking(move || s.enforce_cache_bound(max)).await {
                 tracing::warn!(error = %e, "cache eviction failed");
             }
         }
+    }
+
+    /// In a cluster only the lease holder evicts, so two nodes never evict the same bytes twice
+    /// over; the others still count what they fill.
+    pub fn set_evicts(&self, on: bool) {
+        self.evicts.store(on, Ordering::Relaxed);
+    }
+
+    /// Recounts the cache from the whole index (blobs other nodes filled included) and
+    /// enforces the bound. Blocking. Returns the bytes evicted.
+    pub fn enforce_cache_bound_from_index(&self) -> Result<u64> {
+        let max = self.lru.max.load(Ordering::Relaxed);
+        if max == u64::MAX {
+            return Ok(0);
+        }
+        self.rebuild_lru()?;
+        if self.lru.bytes() <= max {
+            return Ok(0);
+        }
+        self.enforce_cache_bound(max)
     }
 
     pub fn cache_bytes(&self) -> u64 {

@@ -82,6 +82,10 @@ pub struct Store {
     reads: ReadCache,
     /// The bucket and the local hot tier, with the S3 backend (readiness, metrics).
     bucket: Option<(Arc<s3::Bucket>, Arc<s3::blobs::HotTier>)>,
+    /// The metadata journal, with the S3 backend (the cluster follows and announces it).
+    journal: std::sync::OnceLock<Arc<s3::journal::JournalMeta>>,
+    /// Whether this node enforces the cache bound (in a cluster, only the lease holder).
+    evicts: std::sync::atomic::AtomicBool,
 }
 
 /// Tags and manifest records as the metadata store last said, for the hot read path (a
@@ -229,6 +233,7 @@ impl Store {
         )?;
         let blobs = s3::blobs::S3Blobs::new(bucket.clone(), hot.clone());
         let store = Self::build(Arc::new(blobs), meta.clone(), limits, Some((bucket, hot)))?;
+        let _ = store.journal.set(meta.clone());
         let weak = Arc::downgrade(&store);
         meta.on_replay(Box::new(move || {
             if let Some(s) = weak.upgrade() {
@@ -243,6 +248,11 @@ impl Store {
     /// The bucket behind the store, if it is on S3.
     pub fn bucket(&self) -> Option<&Arc<s3::Bucket>> {
         self.bucket.as_ref().map(|(b, _)| b)
+    }
+
+    /// The metadata journal (S3 only).
+    pub fn journal(&self) -> Option<&Arc<s3::journal::JournalMeta>> {
+        self.journal.get()
     }
 
     /// Bytes of local copies in the hot tier (S3 only).
@@ -280,6 +290,8 @@ impl Store {
             gc_running: tokio::sync::Mutex::new(()),
             reads: ReadCache::new(),
             bucket,
+            journal: std::sync::OnceLock::new(),
+            evicts: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 

@@ -184,3 +184,14 @@ pub fn require_runnable(cmds: &[&str]) -> bool {
     }
     true
 }
+
+/// A root filesystem holding the static busybox and a marker file.
+pub fn busybox_rootfs(root: &Path, marker: &str) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::copy(STATIC_BUSYBOX, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/marker"), format!("{marker}\n")).unwrap();
+}

@@ -99,6 +99,9 @@ pub struct JournalMeta {
     me: std::sync::OnceLock<std::sync::Weak<JournalMeta>>,
     /// Told when entries written elsewhere were applied (the facade drops what it cached).
     on_replay: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told the sequence number of each write readers elsewhere must see (the cluster tells
+    /// its peers before the client is answered).
+    on_write: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl JournalMeta {
@@ -128,6 +131,7 @@ impl JournalMeta {
             snapshotting: std::sync::atomic::AtomicBool::new(false),
             me: std::sync::OnceLock::new(),
             on_replay: std::sync::OnceLock::new(),
+            on_write: std::sync::OnceLock::new(),
         });
         let _ = j.me.set(Arc::downgrade(&j));
         let t = std::time::Instant::now();
@@ -151,6 +155,23 @@ impl JournalMeta {
     /// applied to the index.
     pub fn on_replay(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.on_replay.set(f);
+    }
+
+    /// Calls `f` with the sequence number of every write other readers must see at once
+    /// (everything but upload-session bookkeeping, which a node looks up when asked).
+    pub fn on_write(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.on_write.set(f);
+    }
+
+    /// Applies the journal up to at least `seq` (a peer wrote it and is waiting to answer its
+    /// client). Returns whether the index got there.
+    pub fn catch_up_to(&self, seq: u64) -> Result<bool> {
+        if self.applied()? >= seq {
+            return Ok(true);
+        }
+        let _g = self.writer.lock();
+        self.catch_up()?;
+        Ok(self.applied()? >= seq)
     }
 
     /// Applies other writers' entries every `every` while the store lives, so a node serves
@@ -390,7 +411,8 @@ impl JournalMeta {
     /// node took the next sequence number first, catches up and runs it again (its
     /// preconditions are checked again on the newer state).
     fn write<T>(&self, op: Op, f: impl Fn(&RedbMeta) -> Result<T>) -> Result<T> {
-        let _g = self.writer.lock();
+        let tell = !matches!(op, Op::PutUpload { .. } | Op::RemoveUpload { .. });
+        let g = self.writer.lock();
         let id = uuid::Uuid::new_v4().to_string();
         let body = Bytes::from(serde_json::to_vec(&Entry { id: id.clone(), node: self.node.clone(), op })?);
         for _ in 0..64 {
@@ -405,6 +427,10 @@ impl JournalMeta {
             }
             if r.is_ok() {
                 self.maybe_snapshot();
+                drop(g);
+                if let (true, Some(f)) = (tell, self.on_write.get()) {
+                    f(seq);
+                }
             }
             return r;
         }

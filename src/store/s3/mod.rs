@@ -388,6 +388,19 @@ impl Bucket {
         Ok(())
     }
 
+    /// Keys under `dir` (relative to the prefix) with their last-modified times in the
+    /// bucket's clock (milliseconds): for small listings such as the cluster's members.
+    pub fn list_modified(&self, dir: &str) -> Result<Vec<(String, i64)>> {
+        let (s3, key) = (self.s3.clone(), self.key(dir));
+        let t = Instant::now();
+        let r = self.run(async move {
+            s3.list(Some(&key)).map(|m| m.map(|m| (m.location.to_string(), m.last_modified.timestamp_millis()))).collect::<Vec<_>>().await
+        });
+        let r: std::result::Result<Vec<_>, _> = r.into_iter().collect();
+        let r = self.account("list", t, 0, r).map_err(|e| self.unavailable(&format!("listing {dir}"), e))?;
+        Ok(r.into_iter().map(|(k, m)| (self.unprefix(&k).to_string(), m)).collect())
+    }
+
     /// Reaches the bucket and writes, reads and deletes a probe object; detects whether the
     /// engine honours create-only PUTs. The error says what is wrong and which setting to look
     /// at.

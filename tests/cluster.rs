@@ -1,0 +1,497 @@
+//! Several berth nodes on one bucket (`[cluster]`): membership and the maintenance lease from
+//! objects in the bucket, one upstream fetch per cold blob for the whole cluster with every
+//! client streaming, the owner killed mid-fill, read-your-writes across nodes, uploads and
+//! pulls by real clients through an nginx round robin, and GC on one node while others push.
+//! These run when the suite runs on S3 (`BERTH_TEST_BACKEND=s3`, see `scripts/test`); on the
+//! local backend they return at once.
+
+mod common;
+
+use common::dockerd::Dockerd;
+use common::fake::Fake;
+use common::{backend_is_s3, cmd, digest, eventually, oci_layout, Berth};
+use reqwest::blocking::Client;
+use sha2::{Digest as _, Sha256};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const CLIENT_LIMIT: Duration = Duration::from_secs(180);
+
+/// Clusters are heavy (three servers each); one test at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+struct Nodes {
+    nodes: Vec<Berth>,
+    peers: Vec<String>,
+    _shared: tempfile::TempDir,
+}
+
+impl Nodes {
+    /// `n` nodes on one bucket prefix, each with `extra` (upstreams, namespaces) and
+    /// `storage` added to `[storage]`; returns once every node sees all of them.
+    fn start(n: usize, storage: &str, extra: &str) -> Option<Nodes> {
+        if !backend_is_s3() {
+            eprintln!("skipping: the cluster runs on S3 only (BERTH_TEST_BACKEND=s3)");
+            return None;
+        }
+        let shared = tempfile::tempdir().unwrap();
+        let secret = shared.path().join("cluster.secret");
+        std::fs::write(&secret, "a-shared-secret-for-the-test-cluster\n").unwrap();
+        let prefix = format!("t/cluster-{}/", shared.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'));
+        let mut nodes = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..n {
+            let port = common::free_port();
+            let url = format!("http://127.0.0.1:{port}");
+            let section = format!(
+                "\n[cluster]\nadvertise = \"{url}\"\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\nheartbeat = \"200ms\"\nmember_timeout = \"1s\"\n",
+                secret.display()
+            );
+            let prefix = prefix.clone();
+            let b = Berth::start_edited(extra, move |text| {
+                let text: String = text
+                    .lines()
+                    .map(|l| if l.starts_with("prefix = \"t/") { format!("prefix = \"{prefix}\"") } else { l.to_string() })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let text = text.replacen("[storage]\n", &format!("[storage]\n{storage}\n"), 1);
+                text + &section
+            });
+            nodes.push(b);
+            peers.push(url);
+        }
+        let c = Nodes { nodes, peers, _shared: shared };
+        for b in &c.nodes {
+            assert!(
+                eventually(Duration::from_secs(15), || metric(b, "berth_cluster_members") == Some(n as f64)),
+                "node {} does not see {n} members; log:\n{}",
+                b.url(),
+                b.log()
+            );
+        }
+        Some(c)
+    }
+
+    /// The node that owns `key`, by index.
+    fn owner(&self, key: &str) -> usize {
+        let url = berth::cluster::owner_url(&self.peers, key).unwrap();
+        self.peers.iter().position(|p| *p == url).unwrap()
+    }
+}
+
+fn metric(b: &Berth, name: &str) -> Option<f64> {
+    let text = reqwest::blocking::get(format!("{}/metrics", b.admin_url())).ok()?.text().ok()?;
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn metric_sum(b: &Berth, prefix: &str) -> f64 {
+    let text = reqwest::blocking::get(format!("{}/metrics", b.admin_url())).unwrap().text().unwrap();
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+fn upstream(fake: &Fake) -> String {
+    format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n", fake.url())
+}
+
+fn push_blob(c: &Client, base: &str, repo: &str, data: &[u8]) -> u16 {
+    let d = digest(data);
+    c.post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}")).body(data.to_vec()).send().unwrap().status().as_u16()
+}
+
+/// Pushes a one-layer image through `base`; returns the manifest PUT's status and digest.
+fn push_image(c: &Client, base: &str, repo: &str, tag: &str, layer: &[u8]) -> (u16, String) {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, digest(layer));
+    for blob in [config.as_bytes(), layer] {
+        let s = push_blob(c, base, repo, blob);
+        if s != 201 {
+            return (s, String::new());
+        }
+    }
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        digest(config.as_bytes()),
+        config.len(),
+        digest(layer),
+        layer.len()
+    );
+    let r = c.put(format!("{base}/v2/{repo}/manifests/{tag}")).header("Content-Type", OCI_MANIFEST).body(m.clone()).send().unwrap();
+    (r.status().as_u16(), digest(m.as_bytes()))
+}
+
+/// Reads a response body while hashing it; returns (first byte time, digest, length).
+fn drain(mut r: reqwest::blocking::Response) -> (Option<Instant>, String, u64) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut first, mut n) = (None, 0u64);
+    loop {
+        let k = r.read(&mut buf).unwrap_or(0);
+        if k == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    (first, format!("sha256:{}", hex::encode(h.finalize())), n)
+}
+
+#[test]
+fn members_lease_and_read_your_writes_across_nodes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Nodes::start(3, "", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    // Exactly one node holds the maintenance lease.
+    assert!(eventually(Duration::from_secs(10), || c.nodes.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count()
+        == 1));
+    let http = client();
+    for round in 0..5 {
+        let (writer, readers) = (round % 3, [(round + 1) % 3, (round + 2) % 3]);
+        let tag = format!("r{round}");
+        let (s, md) = push_image(&http, &c.nodes[writer].url(), "team/app", &tag, format!("layer {round}").repeat(500).as_bytes());
+        assert_eq!(s, 201);
+        // No waiting: the writer told the others before it answered.
+        for r in readers {
+            let got = http.get(format!("{}/v2/team/app/manifests/{tag}", c.nodes[r].url())).send().unwrap();
+            assert_eq!(got.status(), 200, "{tag} pushed through node {writer}, read through node {r}");
+            assert_eq!(got.headers()["docker-content-digest"], md.as_str());
+        }
+        // A tag moved through another node is moved everywhere at once, and so is a delete.
+        let (s, md2) = push_image(&http, &c.nodes[readers[0]].url(), "team/app", &tag, format!("moved {round}").repeat(500).as_bytes());
+        assert_eq!(s, 201);
+        for b in &c.nodes {
+            let got = http.get(format!("{}/v2/team/app/manifests/{tag}", b.url())).send().unwrap();
+            assert_eq!(got.headers()["docker-content-digest"], md2.as_str());
+        }
+        assert_eq!(http.delete(format!("{}/v2/team/app/manifests/{tag}", c.nodes[readers[1]].url())).send().unwrap().status(), 202);
+        for b in &c.nodes {
+            assert_eq!(http.get(format!("{}/v2/team/app/manifests/{tag}", b.url())).send().unwrap().status(), 404);
+        }
+    }
+    assert!(metric_sum(&c.nodes[0], "berth_cluster_notifications_total{result=\"ok\"}") > 0.0);
+    // The peer listener serves members only.
+    let r = http.get(format!("{}/v2/team/app/tags/list", c.peers[0])).send().unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{}/v2/team/app/tags/list", c.peers[0])).header("x-berth-peer", "1.00").send().unwrap();
+    assert_eq!(r.status(), 401);
+    // A node that stops heartbeating leaves; the lease moves if it held it.
+    let holder = c.nodes.iter().position(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).unwrap();
+    c.nodes[holder].kill();
+    let rest: Vec<&Berth> = c.nodes.iter().enumerate().filter(|(i, _)| *i != holder).map(|(_, b)| b).collect();
+    for b in &rest {
+        assert!(eventually(Duration::from_secs(10), || metric(b, "berth_cluster_members") == Some(2.0)), "{}", b.log());
+    }
+    assert!(eventually(Duration::from_secs(15), || rest.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count()
+        == 1));
+}
+
+/// 48 clients spread over three nodes ask for one cold blob: one upstream GET for the
+/// cluster, and every client streams before the fill ends.
+#[test]
+fn a_herd_on_a_cold_blob_costs_one_upstream_get() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mib: usize = std::env::var("BERTH_TEST_HERD_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let fake = Fake::start();
+    let blob = common::random_bytes(mib << 20, 77);
+    let d = fake.add_blob(&blob);
+    drop(blob);
+    // The upstream sends 1 MiB pieces 5 ms apart: the fill takes over a second.
+    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(5));
+    let Some(c) = Nodes::start(3, "", &upstream(&fake)) else { return };
+    let urls: Vec<String> = c.nodes.iter().map(|b| b.url()).collect();
+    let start = Arc::new(std::sync::Barrier::new(48));
+    let handles: Vec<_> = (0..48)
+        .map(|i| {
+            let (url, d, start) = (urls[i % 3].clone(), d.clone(), start.clone());
+            std::thread::spawn(move || {
+                let http = client();
+                start.wait();
+                let r = http.get(format!("{url}/v2/library/big/blobs/{d}")).send().unwrap();
+                assert_eq!(r.status(), 200);
+                drain(r)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let done = fake.state.lock().unwrap().blob_done_at.clone();
+    assert_eq!(fake.count("GET blob"), 1, "one upstream fetch for the whole cluster");
+    assert_eq!(done.len(), 1);
+    for (i, (first, got, n)) in results.iter().enumerate() {
+        assert_eq!((got, *n), (&d, (mib as u64) << 20), "client {i} got verified bytes");
+        assert!(first.unwrap() < done[0], "client {i} (node {}) streamed before the fill ended", i % 3);
+    }
+    let forwards: f64 = c.nodes.iter().map(|b| metric_sum(b, "berth_cluster_forwards_total{kind=\"blob\",result=\"ok\"}")).sum();
+    assert_eq!(forwards, 2.0, "each non-owner node asked the owner once");
+}
+
+/// The owner dies mid-fill: clients on the other nodes finish with verified bytes (their
+/// nodes continue from the upstream at the byte they reached).
+#[test]
+fn the_owner_killed_mid_fill_costs_a_second_fetch_not_a_client() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = Fake::start();
+    let blob = common::random_bytes(64 << 20, 78);
+    let d = fake.add_blob(&blob);
+    fake.state.lock().unwrap().blob_piece_delay = Some(Duration::from_millis(40));
+    let Some(mut c) = Nodes::start(3, "", &upstream(&fake)) else { return };
+    let owner = c.owner(&d);
+    let others: Vec<String> = (0..3).filter(|i| *i != owner).map(|i| c.nodes[i].url()).collect();
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let (url, d, progress) = (others[i % 2].clone(), d.clone(), progress.clone());
+            std::thread::spawn(move || {
+                let mut r = client().get(format!("{url}/v2/library/big/blobs/{d}")).send().unwrap();
+                assert_eq!(r.status(), 200);
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 1 << 16];
+                let mut n = 0u64;
+                loop {
+                    let k = r.read(&mut buf).expect("the stream survives the owner");
+                    if k == 0 {
+                        break;
+                    }
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                    progress.fetch_add(k as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                (format!("sha256:{}", hex::encode(h.finalize())), n)
+            })
+        })
+        .collect();
+    // Every client is streaming before the owner goes.
+    assert!(eventually(Duration::from_secs(30), || progress.load(std::sync::atomic::Ordering::Relaxed) >= 8 * (2 << 20)));
+    assert!(fake.state.lock().unwrap().blob_done_at.is_empty(), "the fill was still running");
+    c.nodes[owner].kill();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), (d.clone(), 64 << 20));
+    }
+    assert!(fake.count("GET blob") >= 2, "the survivors fetched the rest themselves");
+    // What the survivors stored is whole.
+    let r = client().get(format!("{}/v2/library/big/blobs/{d}", others[0])).send().unwrap();
+    assert_eq!(drain(r).1, d);
+}
+
+/// Mirrored tags: one node per tag talks to the upstream, however many nodes are asked.
+#[test]
+fn a_tag_is_fetched_and_checked_by_its_owner_only() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = Fake::start();
+    let (md, _, _) = fake.add_image("library/app", "1.0", b"layer of a mirrored image");
+    let extra = upstream(&fake) + "tag_ttl = \"1s\"\n";
+    let Some(c) = Nodes::start(3, "", &extra) else { return };
+    let http = client();
+    let pull = |node: usize| {
+        let r = http.get(format!("{}/v2/library/app/manifests/1.0", c.nodes[node].url())).header("Accept", OCI_MANIFEST).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+    };
+    for n in 0..3 {
+        pull(n);
+    }
+    assert_eq!(fake.count("GET manifest"), 1, "one fetch for the cluster");
+    // Past the TTL, each node is asked again: one check upstream per TTL, not one per node.
+    let heads = fake.count("HEAD manifest");
+    let since = Instant::now();
+    assert!(eventually(Duration::from_secs(5), || since.elapsed() > Duration::from_millis(1100)));
+    for n in 0..3 {
+        pull(n);
+    }
+    assert_eq!(fake.count("HEAD manifest") - heads, 1, "the owner checked the tag once for every node");
+    assert_eq!(fake.count("GET manifest"), 1);
+}
+
+/// A GC running on one node while the others push: what a push was acknowledged for stays
+/// whole.
+#[test]
+fn gc_on_one_node_while_others_push() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Nodes::start(3, "gc_grace = \"0s\"", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let (admin, stop) = (c.nodes[0].admin_url(), stop.clone());
+        std::thread::spawn(move || {
+            let http = client();
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(http.post(format!("{admin}/gc")).send().unwrap().status(), 200);
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let pushers: Vec<_> = [1usize, 2]
+        .into_iter()
+        .map(|node| {
+            let base = c.nodes[node].url();
+            std::thread::spawn(move || {
+                let http = client();
+                let mut ok = Vec::new();
+                for i in 0..12 {
+                    // Layers repeat across pushes, so pushes reuse what GC may be sweeping.
+                    let layer = format!("node {node} layer {} ", i % 4).repeat(3000);
+                    let tag = format!("n{node}-{i}");
+                    let (status, md) = push_image(&http, &base, "team/race", &tag, layer.as_bytes());
+                    match status {
+                        201 => ok.push((tag, md)),
+                        // With no grace period a push may lose a layer before its manifest
+                        // arrives; that push fails cleanly.
+                        400 | 404 => {}
+                        s => panic!("unexpected push status {s}"),
+                    }
+                    if i % 3 == 2 {
+                        if let Some((_, md)) = ok.pop() {
+                            http.delete(format!("{base}/v2/team/race/manifests/{md}")).send().unwrap();
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let kept: Vec<(String, String)> = pushers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(gc.join().unwrap() > 0);
+    assert!(!kept.is_empty());
+    let http = client();
+    for b in &c.nodes {
+        for (tag, md) in &kept {
+            let r = http.get(format!("{}/v2/team/race/manifests/{tag}", b.url())).send().unwrap();
+            assert_eq!(r.status(), 200, "{tag}");
+            assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+            let m: serde_json::Value = r.json().unwrap();
+            for x in std::iter::once(&m["config"]).chain(m["layers"].as_array().unwrap()) {
+                let x = x["digest"].as_str().unwrap();
+                let r = http.get(format!("{}/v2/team/race/blobs/{x}", b.url())).send().unwrap();
+                assert_eq!(r.status(), 200, "blob {x} of {tag} was collected");
+                assert_eq!(digest(&r.bytes().unwrap()), x);
+            }
+        }
+    }
+}
+
+// ---- real clients through a round robin ----
+
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    /// A round robin over `backends`, streaming both ways as a registry needs.
+    fn start(work: &Path, backends: &[String]) -> Nginx {
+        let port = common::free_port();
+        let dir = work.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let d = dir.display();
+        let servers: String = backends.iter().map(|b| format!("    server {};\n", b.trim_start_matches("http://"))).collect();
+        let conf = format!(
+            "worker_processes 1;\nuser root;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+               fastcgi_temp_path {d}/tmp/fcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+               upstream berth {{\n{servers}  }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    client_max_body_size 0;\n    proxy_request_buffering off;\n    proxy_buffering off;\n\
+                 proxy_http_version 1.1;\n    location / {{\n      proxy_pass http://berth;\n      proxy_set_header Host $http_host;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("nginx starts");
+        assert!(common::wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10)), "nginx did not start");
+        Nginx { child, port }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT is nginx's graceful stop; SIGKILL of the master would orphan the workers.
+        let _ = Command::new("kill").arg("-QUIT").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn skopeo(args: &[&str]) -> cmd::Output {
+    let mut c = Command::new("skopeo");
+    c.arg("--insecure-policy").args(args).env("CONTAINERS_REGISTRIES_CONF", "/dev/null");
+    common::dockerd::no_internet(&mut c);
+    cmd::run(&mut c, CLIENT_LIMIT)
+}
+
+/// skopeo, the docker daemon and containerd through nginx round-robining over three nodes:
+/// each upload's POST, PATCHes and PUT land on different nodes; pulls come back byte-exact.
+#[test]
+fn real_clients_through_a_round_robin() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !backend_is_s3() {
+        eprintln!("skipping: the cluster runs on S3 only (BERTH_TEST_BACKEND=s3)");
+        return;
+    }
+    if !oci_layout::require_runnable(&["nginx", "skopeo", "dockerd", "docker", "ctr"]) {
+        return;
+    }
+    let fake = Fake::start();
+    let (mirrored, _, _) = fake.add_image("library/tool", "2", &common::random_bytes(300_000, 5));
+    let extra = format!("[[namespace]]\nprefix = \"team\"\n\n{}", upstream(&fake));
+    let Some(c) = Nodes::start(3, "", &extra) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let lb = Nginx::start(work.path(), &c.nodes.iter().map(|b| b.url()).collect::<Vec<_>>());
+    let host = lb.host();
+
+    // skopeo: a multi-arch index in, and back out byte-exact.
+    let layout = oci_layout::multi_arch(&work.path().join("src"), "1", "round-robin");
+    let dest = format!("docker://{host}/team/multi:1");
+    skopeo(&["copy", "--all", "--preserve-digests", "--retry-times=0", "--dest-tls-verify=false", &layout.skopeo_ref(), &dest]).expect_ok();
+    let back = work.path().join("back");
+    skopeo(&["copy", "--all", "--retry-times=0", "--src-tls-verify=false", &dest, &format!("oci:{}:1", back.display())]).expect_ok();
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(back.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], layout.index);
+    for b in &c.nodes {
+        let r = client().get(format!("{}/v2/team/multi/manifests/1", b.url())).send().unwrap();
+        assert_eq!(r.headers()["docker-content-digest"], layout.index.as_str());
+    }
+
+    // The docker daemon: push, forget, pull back, run.
+    let d = Dockerd::start_with(None, &[format!("--insecure-registry={host}")]);
+    let root = work.path().join("rootfs");
+    oci_layout::busybox_rootfs(&root, "through three nodes");
+    let tar = work.path().join("rootfs.tar");
+    cmd::run(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."), CLIENT_LIMIT).expect_ok();
+    let image = format!("{host}/team/app:1");
+    d.docker(&["import", "--change", r#"CMD ["cat", "/etc/marker"]"#, &tar.display().to_string(), &image]).expect_ok();
+    d.docker(&["push", &image]).expect_ok();
+    d.docker(&["rmi", &image]).expect_ok();
+    d.docker(&["pull", &image]).expect_ok();
+    let run = d.docker(&["run", "--rm", "--network", "none", &image]).expect_ok();
+    assert_eq!(run.stdout.trim(), "through three nodes");
+
+    // containerd with hosts.toml, pulling a mirrored image through the balancer.
+    let hosts = work.path().join("hosts").join("docker.io");
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(hosts.join("hosts.toml"), format!("[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")).unwrap();
+    let hosts_dir = work.path().join("hosts");
+    d.ctr(
+        "berth-cluster",
+        &["images", "pull", "--plain-http", "--hosts-dir", hosts_dir.to_str().unwrap(), "--snapshotter", "native", "docker.io/library/tool:2"],
+    )
+    .expect_ok();
+    let listed = d.ctr("berth-cluster", &["images", "ls"]).expect_ok().stdout;
+    assert!(listed.lines().any(|l| l.starts_with("docker.io/library/tool:2") && l.contains(mirrored.as_str())), "{listed}");
+    assert_eq!(fake.count("GET manifest"), 1, "one upstream fetch of the tag through three nodes");
+}
