@@ -67,7 +67,6 @@ fn tar_gz(root: &Path, out: &Path) -> Vec<u8> {
     gz.stdout
 }
 
-
 #[test]
 fn skopeo_copies_a_multi_arch_oci_index_into_berth_and_back() {
     if !oci_layout::require_runnable(&["skopeo"]) {

@@ -106,9 +106,11 @@ fn push_blob(c: &Client, base: &str, repo: &str, data: &[u8]) -> u16 {
     c.post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}")).body(data.to_vec()).send().unwrap().status().as_u16()
 }
 
-/// Pushes a one-layer image through `base`; returns the manifest PUT's status and digest.
+/// Pushes a one-layer image through `base` (its config names the tag, so images sharing a
+/// layer are still distinct); returns the manifest PUT's status and digest.
 fn push_image(c: &Client, base: &str, repo: &str, tag: &str, layer: &[u8]) -> (u16, String) {
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, digest(layer));
+    let config =
+        format!(r#"{{"architecture":"amd64","os":"linux","tag":"{tag}","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, digest(layer));
     for blob in [config.as_bytes(), layer] {
         let s = push_blob(c, base, repo, blob);
         if s != 201 {
@@ -148,8 +150,9 @@ fn members_lease_and_read_your_writes_across_nodes() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mut c) = Nodes::start(3, "", "[[namespace]]\nprefix = \"team\"\n") else { return };
     // Exactly one node holds the maintenance lease.
-    assert!(eventually(Duration::from_secs(10), || c.nodes.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count()
-        == 1));
+    assert!(
+        eventually(Duration::from_secs(10), || c.nodes.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count() == 1)
+    );
     let http = client();
     for round in 0..5 {
         let (writer, readers) = (round % 3, [(round + 1) % 3, (round + 2) % 3]);
@@ -187,8 +190,7 @@ fn members_lease_and_read_your_writes_across_nodes() {
     for b in &rest {
         assert!(eventually(Duration::from_secs(10), || metric(b, "berth_cluster_members") == Some(2.0)), "{}", b.log());
     }
-    assert!(eventually(Duration::from_secs(15), || rest.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count()
-        == 1));
+    assert!(eventually(Duration::from_secs(15), || rest.iter().filter(|b| metric(b, "berth_cluster_lease_held") == Some(1.0)).count() == 1));
 }
 
 /// 48 clients spread over three nodes ask for one cold blob: one upstream GET for the
@@ -447,7 +449,13 @@ fn real_clients_through_a_round_robin() {
         return;
     }
     let fake = Fake::start();
-    let (mirrored, _, _) = fake.add_image("library/tool", "2", &common::random_bytes(300_000, 5));
+    // A layer containerd can unpack: a tar of one file.
+    let layer_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(layer_dir.path().join("root/etc")).unwrap();
+    std::fs::write(layer_dir.path().join("root/etc/marker"), common::random_bytes(300_000, 5)).unwrap();
+    let tar = layer_dir.path().join("layer.tar");
+    cmd::run(Command::new("tar").arg("-C").arg(layer_dir.path().join("root")).arg("-cf").arg(&tar).arg("."), CLIENT_LIMIT).expect_ok();
+    let (mirrored, _, _) = fake.add_image("library/tool", "2", &std::fs::read(&tar).unwrap());
     let extra = format!("[[namespace]]\nprefix = \"team\"\n\n{}", upstream(&fake));
     let Some(c) = Nodes::start(3, "", &extra) else { return };
     let work = tempfile::tempdir().unwrap();
@@ -488,7 +496,16 @@ fn real_clients_through_a_round_robin() {
     let hosts_dir = work.path().join("hosts");
     d.ctr(
         "berth-cluster",
-        &["images", "pull", "--plain-http", "--hosts-dir", hosts_dir.to_str().unwrap(), "--snapshotter", "native", "docker.io/library/tool:2"],
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--hosts-dir",
+            hosts_dir.to_str().unwrap(),
+            "--snapshotter",
+            "native",
+            "docker.io/library/tool:2",
+        ],
     )
     .expect_ok();
     let listed = d.ctr("berth-cluster", &["images", "ls"]).expect_ok().stdout;

@@ -262,8 +262,7 @@ impl Cluster {
 
     /// Takes, renews or observes the maintenance lease. `now` is the bucket's clock.
     fn lease(&self, now: i64) -> crate::store::error::Result<()> {
-        let epochs: Vec<(u64, i64)> =
-            self.bucket.list_modified(LEASE)?.into_iter().filter_map(|(k, m)| Some((epoch_of(&k)?, m))).collect();
+        let epochs: Vec<(u64, i64)> = self.bucket.list_modified(LEASE)?.into_iter().filter_map(|(k, m)| Some((epoch_of(&k)?, m))).collect();
         let newest = epochs.iter().max_by_key(|(e, _)| *e).copied();
         let lease_ms = self.lease_time().as_millis() as i64;
         let take = |epoch: u64| -> crate::store::error::Result<bool> {

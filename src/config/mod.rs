@@ -622,7 +622,8 @@ impl Config {
                 if s3.is_none() {
                     return Err(invalid("cluster", "needs [storage.s3]: the nodes share one bucket"));
                 }
-                let advertise = url::Url::parse(&c.advertise).map_err(|e| invalid("cluster.advertise", format!("{:?}: {e}", c.advertise)))?;
+                let advertise =
+                    url::Url::parse(&c.advertise).map_err(|e| invalid("cluster.advertise", format!("{:?}: {e}", c.advertise)))?;
                 if advertise.scheme() != "http" || advertise.host_str().is_none() {
                     return Err(invalid("cluster.advertise", format!("{:?} must be an http:// URL with a host", c.advertise)));
                 }

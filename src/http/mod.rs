@@ -148,9 +148,10 @@ impl HttpServerApp for RegistryApp {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         if self.peer {
             let signed = head.uri.path_and_query().map_or(path.as_str(), |pq| pq.as_str());
-            let member = self.registry.cluster().is_some_and(|c| {
-                c.verify(headers.get(crate::cluster::PEER_HEADER).and_then(|v| v.to_str().ok()), method.as_str(), signed)
-            });
+            let member = self
+                .registry
+                .cluster()
+                .is_some_and(|c| c.verify(headers.get(crate::cluster::PEER_HEADER).and_then(|v| v.to_str().ok()), method.as_str(), signed));
             if !member {
                 let e = OciError::msg(ErrorCode::Unauthorized, "the peer listener serves cluster members only (bad or missing signature)");
                 let _ = within(Duration::from_secs(2), answer_and_close(&mut session, &e)).await;

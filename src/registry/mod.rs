@@ -287,7 +287,8 @@ impl Registry {
         if *req.method != Method::POST {
             return Err(OciError::new(ErrorCode::MethodNotAllowed));
         }
-        let seq: u64 = req.param("seq").and_then(|s| s.parse().ok()).ok_or_else(|| OciError::msg(ErrorCode::Unsupported, "seq is required"))?;
+        let seq: u64 =
+            req.param("seq").and_then(|s| s.parse().ok()).ok_or_else(|| OciError::msg(ErrorCode::Unsupported, "seq is required"))?;
         let Some(journal) = self.store.journal().cloned() else {
             return Err(OciError::msg(ErrorCode::Unsupported, "this node has no metadata journal"));
         };
