@@ -172,6 +172,9 @@ impl HttpServerApp for RegistryApp {
         let status = resp.status;
         let written = write_response(&mut session, resp, method == http::Method::HEAD, &limits).await;
         let bytes = written.as_ref().map(|n| *n).unwrap_or(0);
+        if self.peer {
+            crate::cluster::PEER_BYTES.inc_by(bytes);
+        }
         metrics::record_request(method.as_str(), outcome.route, status, started.elapsed());
         // Hosted content is counted here, from what was written; the mirror counts its own.
         let hosted = outcome.repository.is_some() && outcome.upstream.is_none();
