@@ -103,6 +103,7 @@ const UPSTREAM_CODES_AT_START: [&str; 4] = ["200", "429", "timeout", "error"];
 /// label values berth knows in advance.
 pub fn init(upstreams: &[String]) {
     // Series that exist from the start, so dashboards show zero rather than no data.
+    crate::cluster::init_metrics();
     for op in ["get", "put"] {
         STORAGE_REQUESTS.with_label_values(&[op, "ok"]);
         STORAGE_DURATION.with_label_values(&[op]);

@@ -131,6 +131,10 @@ fn dashboard_is_importable_and_complete() {
         ("upstream 429s", "code=\"429\""),
         ("rate-limit remaining", "berth_upstream_ratelimit_remaining"),
         ("store size by class", "sum by (class) (berth_store_bytes"),
+        ("live cluster members", "berth_cluster_members"),
+        ("maintenance lease holder", "berth_cluster_lease_held"),
+        ("owner forwards", "berth_cluster_forwards_total"),
+        ("peer bytes", "berth_cluster_peer_bytes_total"),
     ] {
         assert!(uses(needle), "the dashboard lacks {what} ({needle})");
     }

@@ -57,12 +57,31 @@ pub static FORWARDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 pub static PEER_BYTES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
-    prometheus::register_int_counter!("berth_cluster_peer_bytes_total", "Response bytes this node sent to other members on the peer listener")
-        .unwrap()
+    prometheus::register_int_counter!(
+        "berth_cluster_peer_bytes_total",
+        "Response bytes this node sent to other members on the peer listener"
+    )
+    .unwrap()
 });
 pub static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_cluster_notifications_total", "Journal writes announced to peers, by outcome", &["result"]).unwrap()
 });
+
+/// Every cluster series at zero (a single node shows 0 members), so the dashboard's cluster
+/// row shows zero rather than "No data".
+pub fn init_metrics() {
+    for kind in ["blob", "manifest"] {
+        for result in ["ok", "fallback"] {
+            FORWARDS.with_label_values(&[kind, result]);
+        }
+    }
+    for result in ["ok", "failed"] {
+        NOTIFICATIONS.with_label_values(&[result]);
+    }
+    LazyLock::force(&PEER_BYTES);
+    LazyLock::force(&MEMBERS_LIVE);
+    LazyLock::force(&LEASE_HELD);
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
@@ -128,16 +147,6 @@ impl Cluster {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("peer client: {e}"))?;
-        // Series at zero from the start, so the dashboard's cluster row shows zero, not "No data".
-        for kind in ["blob", "manifest"] {
-            for result in ["ok", "fallback"] {
-                FORWARDS.with_label_values(&[kind, result]);
-            }
-        }
-        for result in ["ok", "failed"] {
-            NOTIFICATIONS.with_label_values(&[result]);
-        }
-        LazyLock::force(&PEER_BYTES);
         let me = Member { id: id_of(&url), url };
         let c = Arc::new(Cluster {
             me: me.clone(),
