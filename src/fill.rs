@@ -88,10 +88,26 @@ impl Fills {
         source_label: &'static str,
         open: Opener,
     ) -> Result<(Arc<Fill>, bool), OciError> {
+        self.join_or_start_with(store, repo, digest, stall_timeout, source_label, open, false).await
+    }
+
+    /// As `join_or_start`; with `deferred`, a fill whose source publishes the blob itself (a
+    /// cluster owner) stores it only if it is still missing when the fill ends.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join_or_start_with(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        repo: &str,
+        digest: &Digest,
+        stall_timeout: Duration,
+        source_label: &'static str,
+        open: Opener,
+        deferred: bool,
+    ) -> Result<(Arc<Fill>, bool), OciError> {
         if let Some(f) = self.join(repo, digest) {
             return Ok((f, false));
         }
-        let writer = store.writer(digest).await?;
+        let writer = store.writer_with(digest, deferred).await?;
         let file = Arc::new(writer.follower()?);
         let (tx, rx) = watch::channel(Progress::default());
         let fill = Arc::new(Fill { file, progress: rx, open: open.clone(), repos: Mutex::new(vec![repo.to_string()]) });
@@ -107,7 +123,7 @@ impl Fills {
             // Another request started it while this one made its temp file.
             return match self.join(repo, digest) {
                 Some(f) => Ok((f, false)),
-                None => Box::pin(self.join_or_start(store, repo, digest, stall_timeout, source_label, open)).await,
+                None => Box::pin(self.join_or_start_with(store, repo, digest, stall_timeout, source_label, open, deferred)).await,
             };
         }
         let fills = self.clone();

@@ -230,6 +230,9 @@ fn a_herd_on_a_cold_blob_costs_one_upstream_get() {
     }
     let forwards: f64 = c.nodes.iter().map(|b| metric_sum(b, "berth_cluster_forwards_total{kind=\"blob\",result=\"ok\"}")).sum();
     assert_eq!(forwards, 2.0, "each non-owner node asked the owner once");
+    // The owner uploads the blob; the nodes that streamed its fill do not upload it again.
+    let uploaded: f64 = c.nodes.iter().map(|b| metric_sum(b, "berth_storage_bytes_total{direction=\"out\"}")).sum();
+    assert!(uploaded < 1.5 * (mib << 20) as f64, "{uploaded} bytes went to the bucket for one {mib} MiB blob");
 }
 
 /// The owner dies mid-fill: clients on the other nodes finish with verified bytes (their

@@ -465,11 +465,13 @@ impl Mirror {
         };
         // In a cluster the digest's owner fetches it once for every node; the others stream
         // its fill and take over from the upstream if it fails.
-        let source = match self.owner_elsewhere(req, &d.to_string()) {
-            Some((c, owner)) => c.owner_opener(owner, format!("/v2/{}/{repo}/blobs/{d}", upstream.name), opener.clone()),
-            None => opener.clone(),
+        // The owner publishes the blob to the bucket; this node's copy is uploaded only if the
+        // owner failed before it did.
+        let (source, deferred) = match self.owner_elsewhere(req, &d.to_string()) {
+            Some((c, owner)) => (c.owner_opener(owner, format!("/v2/{}/{repo}/blobs/{d}", upstream.name), opener.clone()), true),
+            None => (opener.clone(), false),
         };
-        let (fill, started) = match self.fills.join_or_start(&self.store, key, d, timeout, "blob", source).await {
+        let (fill, started) = match self.fills.join_or_start_with(&self.store, key, d, timeout, "blob", source, deferred).await {
             Ok(x) => x,
             // Not even a temp file fits.
             Err(e) if e.code == ErrorCode::InsufficientStorage => return uncached(outcome, false).await,

@@ -345,8 +345,14 @@ impl Store {
 
     /// A writer for content expected to hash to `expected` ([`Store::commit`] verifies it).
     pub async fn writer(&self, expected: &Digest) -> Result<BlobWriter> {
+        self.writer_with(expected, false).await
+    }
+
+    /// A writer for content another node is publishing at the same time (see
+    /// [`BlobStore::create_deferred`]).
+    pub async fn writer_with(&self, expected: &Digest, deferred: bool) -> Result<BlobWriter> {
         let (blobs, d) = (self.blobs.clone(), expected.clone());
-        let temp = blocking(move || blobs.create(&d)).await?;
+        let temp = blocking(move || if deferred { blobs.create_deferred(&d) } else { blobs.create(&d) }).await?;
         Ok(BlobWriter { temp: Some(temp), hasher: Some(Hasher::new(expected.algorithm())), written: 0 })
     }
 

@@ -172,6 +172,12 @@ pub trait BlobStore: Send + Sync {
     /// A writer for content expected to hash to `expected` (a backend may stream it towards
     /// that name; nothing becomes visible before [`BlobTemp::publish`]).
     fn create(&self, expected: &Digest) -> Result<Box<dyn BlobTemp>>;
+    /// As `create`, for content another writer is expected to publish first (a cluster node
+    /// streaming the owner's fill): a shared backend stores it only if, at publish, it is
+    /// still missing.
+    fn create_deferred(&self, expected: &Digest) -> Result<Box<dyn BlobTemp>> {
+        self.create(expected)
+    }
     fn delete(&self, d: &Digest) -> Result<()>;
     /// Every committed blob with its size; a name that is not a digest comes as `Err(name)`.
     fn walk(&self, visit: &mut dyn FnMut(std::result::Result<Digest, String>, u64)) -> Result<()>;

@@ -196,6 +196,24 @@ pub struct S3Blobs {
 }
 
 impl S3Blobs {
+    fn temp(&self, expected: &Digest, deferred: bool) -> Result<Box<dyn BlobTemp>> {
+        let (file, path) = self.hot.temp()?;
+        Ok(Box::new(S3Temp {
+            b: self.b.clone(),
+            hot: self.hot.clone(),
+            key: blob_key(expected),
+            file,
+            path,
+            buf: Vec::new(),
+            mp: None,
+            parts: Vec::new(),
+            inflight: None,
+            written: 0,
+            done: false,
+            deferred,
+        }))
+    }
+
     pub fn new(b: Arc<Bucket>, hot: Arc<HotTier>) -> S3Blobs {
         S3Blobs { b, hot }
     }
@@ -381,6 +399,9 @@ struct S3Temp {
     inflight: Option<std::sync::mpsc::Receiver<std::result::Result<PartId, object_store::Error>>>,
     written: u64,
     done: bool,
+    /// Nothing goes to the bucket while writing; `publish` uploads the local file only if
+    /// the object is still missing then.
+    deferred: bool,
 }
 
 impl S3Temp {
@@ -424,6 +445,9 @@ impl BlobTemp for S3Temp {
     fn write(&mut self, data: &[u8]) -> Result<()> {
         self.file.write_all(data)?;
         self.written += data.len() as u64;
+        if self.deferred {
+            return Ok(());
+        }
         self.buf.extend_from_slice(data);
         while self.buf.len() >= PART {
             let rest = self.buf.split_off(PART);
@@ -438,7 +462,12 @@ impl BlobTemp for S3Temp {
     }
 
     fn publish(mut self: Box<Self>, d: &Digest) -> Result<()> {
-        if self.mp.is_none() {
+        if self.deferred {
+            if self.b.head(&self.key)?.is_none() {
+                self.file.sync_data()?;
+                self.b.put_file(&self.key, &self.path)?;
+            }
+        } else if self.mp.is_none() {
             let data = Bytes::from(std::mem::take(&mut self.buf));
             self.b.put(&self.key, data, true)?;
         } else {
@@ -599,20 +628,11 @@ impl BlobStore for S3Blobs {
     }
 
     fn create(&self, expected: &Digest) -> Result<Box<dyn BlobTemp>> {
-        let (file, path) = self.hot.temp()?;
-        Ok(Box::new(S3Temp {
-            b: self.b.clone(),
-            hot: self.hot.clone(),
-            key: blob_key(expected),
-            file,
-            path,
-            buf: Vec::new(),
-            mp: None,
-            parts: Vec::new(),
-            inflight: None,
-            written: 0,
-            done: false,
-        }))
+        self.temp(expected, false)
+    }
+
+    fn create_deferred(&self, expected: &Digest) -> Result<Box<dyn BlobTemp>> {
+        self.temp(expected, true)
     }
 
     fn delete(&self, d: &Digest) -> Result<()> {
