@@ -67,6 +67,26 @@ pub static AUTH_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static STALE_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_stale_served_total", "Cached tags served while the upstream failed", &["upstream"]).unwrap()
 });
+pub static UPSTREAM_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("berth_upstream_state", "Each upstream's circuit: 0 closed, 1 probing, 2 open (failing fast)", &["upstream"])
+        .unwrap()
+});
+pub static PULLS_SPENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_upstream_pulls_spent_total",
+        "Manifest GETs sent upstream (what registries count as pulls)",
+        &["upstream"]
+    )
+    .unwrap()
+});
+pub static PULLS_SAVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_upstream_pulls_saved_total",
+        "Manifest GETs not sent because the pull budget was at its reserve and a cached answer existed",
+        &["upstream"]
+    )
+    .unwrap()
+});
 pub static STORAGE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_storage_requests_total", "Object storage (S3) requests, by operation and result", &["op", "result"])
         .unwrap()
@@ -137,6 +157,9 @@ pub fn init(upstreams: &[String]) {
         UPSTREAM_BYTES.with_label_values(&[u]);
         UPSTREAM_DURATION.with_label_values(&[u]);
         STALE_SERVED.with_label_values(&[u]);
+        UPSTREAM_STATE.with_label_values(&[u]).set(0);
+        PULLS_SPENT.with_label_values(&[u]);
+        PULLS_SAVED.with_label_values(&[u]);
         // The codes the dashboard's upstream panels select: success, rate limiting, and the two
         // failures that carry no status. Other statuses appear when an upstream first sends them.
         for code in UPSTREAM_CODES_AT_START {

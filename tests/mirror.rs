@@ -267,10 +267,25 @@ fn nothing_cached_and_upstream_down_is_a_5xx() {
     fake.set_fault(Fault::Status(500));
     let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
     assert_eq!(r.status(), 502);
-    // An upstream that refuses berth is a denial naming it, not "not found"; a rate limit is
-    // passed on as one.
-    fake.set_fault(Fault::Status(403));
+    // Three failures in a row open the upstream's circuit: berth answers at once, 503 naming
+    // the upstream, without asking it.
+    let asked = fake.count("GET manifest");
     let r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body = r.bytes().unwrap();
+    assert_eq!(oci_code(&body), "UNAVAILABLE");
+    assert!(String::from_utf8_lossy(&body).contains("docker.io"));
+    assert_eq!(fake.count("GET manifest"), asked, "an open circuit does not contact the upstream");
+    // An upstream that refuses berth is a denial naming it, not "not found"; a rate limit is
+    // passed on as one. (After the open period one probe goes through; any answer closes the
+    // circuit.)
+    fake.set_fault(Fault::Status(403));
+    let mut r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+    assert!(common::eventually(Duration::from_secs(15), || {
+        r = c.get(format!("{}/v2/library/app/manifests/latest", b.url())).send().unwrap();
+        r.status() != 503
+    }));
     assert_eq!(r.status(), 403);
     let body = r.bytes().unwrap();
     assert_eq!(oci_code(&body), "DENIED");

@@ -246,6 +246,22 @@ struct UpstreamFile {
     username: Option<String>,
     password_file: Option<PathBuf>,
     pull: Option<Vec<String>>,
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    stale_after: Duration,
+    #[serde(default)]
+    ratelimit_reserve: Option<Reserve>,
+}
+
+/// `ratelimit_reserve`: a fraction (`0.1`) or a percentage (`"10%"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Reserve {
+    Fraction(f64),
+    Percent(String),
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_tag_ttl() -> Duration {
@@ -395,6 +411,12 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub credentials: Option<(String, Secret)>,
+    /// A tag past its TTL whose check takes longer than this is served from the cache while
+    /// the check goes on.
+    pub stale_after: Duration,
+    /// Below this share of the rate limit, pulls are spent only on content without a cached
+    /// answer.
+    pub ratelimit_reserve: f64,
 }
 
 impl Upstream {
@@ -539,6 +561,18 @@ impl Config {
                 (None, None) => None,
                 _ => return Err(invalid(key("username"), "username and password_file go together")),
             };
+            let ratelimit_reserve = match &u.ratelimit_reserve {
+                None => 0.1,
+                Some(Reserve::Fraction(f)) => *f,
+                Some(Reserve::Percent(p)) => {
+                    p.trim().strip_suffix('%').and_then(|n| n.trim().parse::<f64>().ok()).map(|n| n / 100.0).ok_or_else(|| {
+                        invalid(key("ratelimit_reserve"), format!("{p:?}: a fraction such as 0.1 or a percentage such as \"10%\""))
+                    })?
+                }
+            };
+            if !(0.0..=1.0).contains(&ratelimit_reserve) {
+                return Err(invalid(key("ratelimit_reserve"), "must be between 0 and 100%"));
+            }
             upstreams.push(Upstream {
                 name: u.name,
                 url,
@@ -548,6 +582,8 @@ impl Config {
                 connect_timeout: u.connect_timeout,
                 timeout: u.timeout,
                 credentials,
+                stale_after: u.stale_after,
+                ratelimit_reserve,
             });
         }
         for n in &namespaces {

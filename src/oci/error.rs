@@ -43,6 +43,7 @@ error_codes! {
     TooManyRequests => ("TOOMANYREQUESTS", 429, "too many requests"),
     UpstreamUnavailable => ("UNAVAILABLE", 502, "upstream registry unavailable"),
     UpstreamTimeout => ("UNAVAILABLE", 504, "upstream registry timed out"),
+    UpstreamDown => ("UNAVAILABLE", 503, "upstream registry is failing"),
     InsufficientStorage => ("UNAVAILABLE", 507, "insufficient storage"),
     StorageUnavailable => ("UNAVAILABLE", 503, "storage unavailable"),
     BadRequest => ("UNSUPPORTED", 400, "malformed request"),

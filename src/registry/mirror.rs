@@ -12,7 +12,7 @@ use crate::oci::manifest::{self, ACCEPT_ALL, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
 use crate::oci::{Digest, ErrorCode, OciError, Reference, RepoName};
 use crate::store::{ManifestMeta, Store};
-use crate::upstream::{Client, UpstreamError, MAX_LIST_BYTES};
+use crate::upstream::{health, Client, UpstreamError, MAX_LIST_BYTES};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
@@ -35,7 +35,25 @@ pub struct Mirror {
     manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
     /// With `[cluster]`: cold blobs and tag checks go to their owner.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Tag checks in flight ("<store repo>:<tag>"), shared by concurrent requests.
+    revalidations: Arc<Mutex<HashMap<String, Revalidation>>>,
 }
+
+/// What checking a cached tag upstream found.
+#[derive(Clone)]
+enum Revalidated {
+    Same,
+    /// The upstream moved the tag; the new manifest is stored.
+    Moved(Digest, ManifestMeta),
+    /// The upstream moved the tag, but the pull budget is at its reserve: the cached answer
+    /// stays.
+    Kept,
+    /// The upstream no longer has the tag; berth forgot it.
+    Gone,
+    Failed(UpstreamError),
+}
+
+type Revalidation = Shared<BoxFuture<'static, Revalidated>>;
 
 /// Forgetting a check only costs a HEAD on the tag's next pull, so the table can be bounded.
 const MAX_TAGS_CHECKED: u64 = 100_000;
@@ -65,6 +83,7 @@ impl Mirror {
             tag_checked,
             manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
             cluster: std::sync::OnceLock::new(),
+            revalidations: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -243,53 +262,67 @@ impl Mirror {
                 if let Some(r) = self.ask_owner(req, upstream, repo, key, reference, outcome).await {
                     return r;
                 }
-                // Revalidate with a HEAD: same digest → still good.
+                // One check per tag at a time, in a task of its own: a slow or failing
+                // upstream is not waited for past `stale_after` (or at all while its circuit is
+                // open), and the check goes on for the next pull.
+                let check = self.revalidation(upstream, repo, key, tag.as_str(), &cd);
                 let client = self.client(upstream);
-                let path = format!("/v2/{repo}/manifests/{tag}");
-                let head = client.send(Method::HEAD, repo.as_str(), &path, Some(ACCEPT_ALL)).await;
-                let outage = match head {
-                    Ok(r) if r.status().is_success() => {
-                        let same = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) == Some(cd.to_string().as_str());
-                        if same {
-                            self.tag_checked.insert(tag_key, Instant::now());
-                            count("hit");
-                            outcome.cache = Some("hit");
-                            return serve::manifest(&self.store, &cd, &cmeta).await.map(|r| cache_header(r, "hit"));
-                        }
-                        None
+                let waited = if client.breaker.is_open() { None } else { tokio::time::timeout(upstream.stale_after, check).await.ok() };
+                match waited {
+                    None => {
+                        let e =
+                            if client.breaker.is_open() { UpstreamError::CircuitOpen(health::OPEN_FOR) } else { UpstreamError::Timeout };
+                        self.stale(upstream, &cd, &cmeta, &e, outcome).await
                     }
-                    Ok(r) if r.status().as_u16() == 404 => {
-                        // The upstream is authoritative for its tags: a tag it no longer has is gone.
-                        self.store.delete_tag(key, tag.as_str(), false).await?;
-                        self.tag_checked.invalidate(&tag_key);
-                        return Err(OciError::msg(
-                            ErrorCode::ManifestUnknown,
-                            format!("{}/{repo}:{tag} does not exist upstream", upstream.name),
-                        ));
+                    Some(Revalidated::Same) | Some(Revalidated::Kept) => {
+                        count("hit");
+                        outcome.cache = Some("hit");
+                        serve::manifest(&self.store, &cd, &cmeta).await.map(|r| cache_header(r, "hit"))
                     }
-                    Ok(r) => {
-                        let e = UpstreamError::from_answer(r.status().as_u16(), r.headers(), String::new());
-                        e.is_outage().then_some(e)
+                    Some(Revalidated::Moved(d, meta)) => {
+                        count("miss");
+                        outcome.cache = Some("miss");
+                        serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, "miss"))
                     }
-                    Err(e) => e.is_outage().then_some(e),
-                };
-                if let Some(e) = outage {
-                    return self.stale(upstream, &cd, &cmeta, &e, outcome).await;
-                }
-                match self.fetch_manifest(upstream, repo, key, reference).await {
-                    Ok((d, meta, _, result)) => {
-                        self.tag_checked.insert(tag_key, Instant::now());
-                        count(result);
-                        outcome.cache = Some(result);
-                        serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, result))
+                    Some(Revalidated::Gone) => {
+                        Err(OciError::msg(ErrorCode::ManifestUnknown, format!("{}/{repo}:{tag} does not exist upstream", upstream.name)))
                     }
-                    Err(e) if e.status() >= 500 || e.status() == 429 => {
-                        self.stale(upstream, &cd, &cmeta, &UpstreamError::Status(e.status(), e.message.clone()), outcome).await
-                    }
-                    Err(e) => Err(e),
+                    Some(Revalidated::Failed(e)) if e.is_outage() => self.stale(upstream, &cd, &cmeta, &e, outcome).await,
+                    Some(Revalidated::Failed(e)) => Err(e.to_oci(&upstream.name)),
                 }
             }
         }
+    }
+
+    /// The check of a cached tag against its upstream, shared by every request that asks while
+    /// it runs.
+    fn revalidation(&self, upstream: &Upstream, repo: &RepoName, key: &str, tag: &str, cached: &Digest) -> Revalidation {
+        let tag_key = format!("{key}:{tag}");
+        let mut map = self.revalidations.lock();
+        if let Some(r) = map.get(&tag_key) {
+            return r.clone();
+        }
+        let check = revalidate(
+            self.client(upstream),
+            self.store.clone(),
+            self.tag_checked.clone(),
+            repo.clone(),
+            key.to_string(),
+            tag.to_string(),
+            cached.clone(),
+        );
+        let (table, k) = (self.revalidations.clone(), tag_key.clone());
+        let task = tokio::spawn(async move {
+            let out = check.await;
+            table.lock().remove(&k);
+            out
+        });
+        let shared =
+            async move { task.await.unwrap_or_else(|e| Revalidated::Failed(UpstreamError::Unreachable(format!("tag check failed: {e}")))) }
+                .boxed()
+                .shared();
+        map.insert(tag_key, shared.clone());
+        shared
     }
 
     async fn stale(
@@ -605,6 +638,59 @@ fn next_page(target: &str, upstream: &url::Url, req: &Request<'_>) -> Option<Str
     Some(format!("<{}?{}>; rel=\"next\"", req.path, q.finish()))
 }
 
+/// HEAD (which Docker Hub does not count as a pull); when the tag moved, GET the new manifest
+/// unless the pull budget is at its reserve.
+async fn revalidate(
+    client: Arc<Client>,
+    store: Arc<Store>,
+    tag_checked: moka::sync::Cache<String, Instant>,
+    repo: RepoName,
+    key: String,
+    tag: String,
+    cached: Digest,
+) -> Revalidated {
+    let tag_key = format!("{key}:{tag}");
+    let path = format!("/v2/{repo}/manifests/{tag}");
+    let r = match client.send(Method::HEAD, repo.as_str(), &path, Some(ACCEPT_ALL)).await {
+        Ok(r) => r,
+        Err(e) => return Revalidated::Failed(e),
+    };
+    match r.status().as_u16() {
+        200..=299 => {}
+        404 => {
+            // The upstream is authoritative for its tags: a tag it no longer has is gone.
+            if let Err(e) = store.delete_tag(&key, &tag, false).await {
+                tracing::warn!(error = %e, tag = %tag_key, "forgetting a tag the upstream dropped");
+            }
+            tag_checked.invalidate(&tag_key);
+            return Revalidated::Gone;
+        }
+        s => return Revalidated::Failed(UpstreamError::from_answer(s, r.headers(), String::new())),
+    }
+    let same = r.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) == Some(cached.to_string().as_str());
+    if same {
+        tag_checked.insert(tag_key, Instant::now());
+        return Revalidated::Same;
+    }
+    if client.budget.thrifty() {
+        metrics::PULLS_SAVED.with_label_values(&[client.upstream.name.as_str()]).inc();
+        tracing::info!(tag = %tag_key, remaining = ?client.budget.remaining(), "upstream moved a tag; keeping the cached one to save the pull budget");
+        tag_checked.insert(tag_key, Instant::now());
+        return Revalidated::Kept;
+    }
+    let reference = match Reference::parse(&tag) {
+        Ok(r) => r,
+        Err(e) => return Revalidated::Failed(UpstreamError::Status(400, e.message)),
+    };
+    match fetch_manifest(client, store, repo, key, reference).await {
+        Ok((d, meta, _)) => {
+            tag_checked.insert(tag_key, Instant::now());
+            Revalidated::Moved(d, meta)
+        }
+        Err(e) => Revalidated::Failed(UpstreamError::Status(e.status(), e.message)),
+    }
+}
+
 async fn fetch_manifest(
     client: Arc<Client>,
     store: Arc<Store>,
@@ -613,7 +699,11 @@ async fn fetch_manifest(
     reference: Reference,
 ) -> Result<(Digest, ManifestMeta, Bytes), OciError> {
     let up = client.upstream.name.clone();
+    if let Some(wait) = client.budget.exhausted() {
+        return Err(UpstreamError::BudgetSpent(wait).to_oci(&up));
+    }
     let path = format!("/v2/{repo}/manifests/{reference}");
+    metrics::PULLS_SPENT.with_label_values(&[up.as_str()]).inc();
     let r = client.send(Method::GET, repo.as_str(), &path, Some(ACCEPT_ALL)).await.map_err(|e| e.to_oci(&up))?;
     match r.status().as_u16() {
         200 => {}

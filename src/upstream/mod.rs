@@ -5,6 +5,7 @@
 //! connect and first-byte timeouts. Never imports pingora's server types.
 
 mod challenge;
+pub mod health;
 
 pub use challenge::Challenge;
 
@@ -58,6 +59,10 @@ pub enum UpstreamError {
     Status(u16, String),
     /// 429, with the upstream's `Retry-After` as sent.
     RateLimited(Option<String>),
+    /// Not sent: the upstream failed repeatedly and its circuit is open for this long yet.
+    CircuitOpen(Duration),
+    /// Not sent: the pull budget is spent (or the upstream said 429) for this long yet.
+    BudgetSpent(Duration),
     /// A body berth reads into memory passed its cap; reading stopped there.
     TooLarge {
         what: &'static str,
@@ -82,7 +87,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
             UpstreamError::Status(s, _) => *s >= 500 || *s == 429,
-            UpstreamError::RateLimited(_) => true,
+            UpstreamError::RateLimited(_) | UpstreamError::CircuitOpen(_) | UpstreamError::BudgetSpent(_) => true,
             UpstreamError::TooLarge { .. } => false,
         }
     }
@@ -101,6 +106,16 @@ impl UpstreamError {
                 OciError::msg(ErrorCode::TooManyRequests, format!("upstream {upstream} is rate-limiting berth; retry later"))
                     .with_retry_after(after.clone())
             }
+            UpstreamError::CircuitOpen(wait) => OciError::msg(
+                ErrorCode::UpstreamDown,
+                format!("upstream {upstream} is failing; berth stopped asking it for {}s", wait.as_secs().max(1)),
+            )
+            .with_retry_after(Some(wait.as_secs().max(1).to_string())),
+            UpstreamError::BudgetSpent(wait) => OciError::msg(
+                ErrorCode::TooManyRequests,
+                format!("upstream {upstream}'s pull budget is spent; only cached content is served for {}s", wait.as_secs().max(1)),
+            )
+            .with_retry_after(Some(wait.as_secs().max(1).to_string())),
             UpstreamError::Status(s @ (401 | 403), _) => {
                 OciError::msg(ErrorCode::Denied, format!("upstream {upstream} refused access ({s}); check berth's credentials for it"))
             }
@@ -196,6 +211,25 @@ pub struct Client {
     /// front. Per scope, not per upstream: one registry may guard some repositories with Basic
     /// and others with tokens, and a Basic answer for one must not change how another is asked.
     basic_scopes: moka::sync::Cache<String, ()>,
+    /// Failures open it; while open, requests fail at once (cached answers are served).
+    pub breaker: health::Breaker,
+    /// The pull budget the upstream's rate-limit headers announce.
+    pub budget: health::Budget,
+}
+
+/// Gives a probe's turn back if its request is dropped before an answer.
+struct ProbeGuard<'a> {
+    breaker: &'a health::Breaker,
+    gate: health::Gate,
+    settled: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.abandoned(self.gate);
+        }
+    }
 }
 
 impl Client {
@@ -207,12 +241,15 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .expect("http client builds");
+        let budget = health::Budget::new(upstream.ratelimit_reserve);
         Client {
             upstream,
             http,
             tokens: token_cache(MAX_TOKENS),
             token_locks: Mutex::new(HashMap::new()),
             basic_scopes: moka::sync::Cache::new(MAX_BASIC_SCOPES),
+            breaker: health::Breaker::default(),
+            budget,
         }
     }
 
@@ -314,10 +351,27 @@ impl Client {
     }
 
     async fn raw(&self, method: Method, url: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+        let name = self.upstream.name.as_str();
+        let gate = self.breaker.gate();
+        if let health::Gate::Refuse { retry_in } = gate {
+            metrics::UPSTREAM_REQUESTS.with_label_values(&[name, "refused"]).inc();
+            return Err(UpstreamError::CircuitOpen(retry_in));
+        }
+        let mut guard = ProbeGuard { breaker: &self.breaker, gate, settled: false };
         let started = Instant::now();
         let fut = self.http.request(method, url).headers(headers).send();
         let res = tokio::time::timeout(self.upstream.timeout, fut).await;
-        let name = self.upstream.name.as_str();
+        guard.settled = true;
+        let failed = match &res {
+            Ok(Ok(r)) => r.status().is_server_error(),
+            _ => true,
+        };
+        if failed {
+            self.breaker.failed();
+        } else {
+            self.breaker.succeeded();
+        }
+        metrics::UPSTREAM_STATE.with_label_values(&[name]).set(self.breaker.state());
         metrics::UPSTREAM_DURATION.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
         let resp = match res {
             Err(_) => {
@@ -331,6 +385,11 @@ impl Client {
             Ok(Ok(r)) => r,
         };
         metrics::UPSTREAM_REQUESTS.with_label_values(&[name, resp.status().as_str()]).inc();
+        let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok());
+        self.budget.observe(header("ratelimit-limit"), header("ratelimit-remaining"));
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.budget.refused(header("retry-after").and_then(|v| v.trim().parse().ok()).map(Duration::from_secs));
+        }
         if let Some(rem) = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()) {
             if let Ok(n) = rem.split(';').next().unwrap_or("").trim().parse::<i64>() {
                 metrics::RATELIMIT_REMAINING.with_label_values(&[name]).set(n);
@@ -410,6 +469,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
             credentials: None,
+            stale_after: Duration::from_secs(2),
+            ratelimit_reserve: 0.1,
         })
     }
 

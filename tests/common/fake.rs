@@ -37,6 +37,10 @@ pub struct State {
     /// received tell their size.
     pub chunked_manifests: bool,
     pub blob_done_at: Vec<Instant>,
+    /// A slow upstream: manifest answers (HEAD and GET) wait this long first.
+    pub manifest_delay: Option<Duration>,
+    /// Sent with every manifest answer (rate-limit headers, say).
+    pub manifest_headers: Vec<(String, String)>,
     /// Open connections, so `stop` can cut kept-alive ones too.
     conns: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -242,7 +246,14 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
         };
         if kind == "manifest" {
             let (repo, reference) = rest.rsplit_once("/manifests/").unwrap();
-            let found = state.lock().unwrap().manifests.get(&(repo.to_string(), reference.to_string())).cloned();
+            let (found, slow, extra) = {
+                let s = state.lock().unwrap();
+                (s.manifests.get(&(repo.to_string(), reference.to_string())).cloned(), s.manifest_delay, s.manifest_headers.clone())
+            };
+            if let Some(d) = slow {
+                // Pacing, not synchronization: the slow upstream under test.
+                tokio::time::sleep(d).await;
+            }
             match found {
                 Some((mt, bytes)) if chunked => {
                     let d = super::digest(&bytes);
@@ -261,7 +272,9 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
                 }
                 Some((mt, bytes)) => {
                     let d = super::digest(&bytes);
-                    respond(&mut sock, 200, &[("Content-Type", mt), ("Docker-Content-Digest", d)], &bytes, head).await?
+                    let mut hs: Vec<(&str, String)> = vec![("Content-Type", mt), ("Docker-Content-Digest", d)];
+                    hs.extend(extra.iter().map(|(k, v)| (k.as_str(), v.clone())));
+                    respond(&mut sock, 200, &hs, &bytes, head).await?
                 }
                 None => respond(&mut sock, 404, &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}"#, head).await?,
             }
