@@ -23,6 +23,9 @@ mod common;
 #[allow(dead_code)]
 mod util;
 use util::{env_list, env_or};
+#[path = "common/rgw.rs"]
+mod rgw;
+use rgw::Rgw;
 #[path = "hot/image.rs"]
 mod image;
 #[path = "hot/load.rs"]
@@ -37,34 +40,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// The gateway, stopped when the run ends.
-struct Rgw {
-    state: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Rgw {
-    fn start() -> Rgw {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("rgw");
-        let script = common::repo_root().join("scripts/rgw");
-        common::cmd::run(Command::new(&script).arg("start").arg(&state), Duration::from_secs(120)).expect_ok();
-        for line in std::fs::read_to_string(state.join("env")).unwrap().lines() {
-            if let Some((k, v)) = line.split_once('=') {
-                std::env::set_var(k, v);
-            }
-        }
-        std::env::set_var("BERTH_TEST_BACKEND", "s3");
-        Rgw { state, _dir: dir }
-    }
-}
-
-impl Drop for Rgw {
-    fn drop(&mut self) {
-        let _ = Command::new(common::repo_root().join("scripts/rgw")).arg("stop").arg(&self.state).status();
-    }
-}
 
 fn var(k: &str) -> String {
     std::env::var(k).unwrap()
@@ -124,11 +99,6 @@ fn main() {
     let out_dir = PathBuf::from(env_or("BENCH_OUT", common::repo_root().join("target/bench").display().to_string()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AWS_") {
-            std::env::remove_var(k);
-        }
-    }
 
     let work = tempfile::tempdir().unwrap();
     eprintln!("generating the image ({sizes:?} MiB layers)");

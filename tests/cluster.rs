@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::cluster::{metric, metric_sum, Nodes};
 use common::dockerd::Dockerd;
 use common::fake::Fake;
 use common::{backend_is_s3, cmd, digest, eventually, oci_layout, Berth};
@@ -26,75 +27,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn client() -> Client {
     Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-struct Nodes {
-    nodes: Vec<Berth>,
-    peers: Vec<String>,
-    _shared: tempfile::TempDir,
-}
-
-impl Nodes {
-    /// `n` nodes on one bucket prefix, each with `extra` (upstreams, namespaces) and
-    /// `storage` added to `[storage]`; returns once every node sees all of them.
-    fn start(n: usize, storage: &str, extra: &str) -> Option<Nodes> {
-        if !backend_is_s3() {
-            eprintln!("skipping: the cluster runs on S3 only (BERTH_TEST_BACKEND=s3)");
-            return None;
-        }
-        let shared = tempfile::tempdir().unwrap();
-        let secret = shared.path().join("cluster.secret");
-        std::fs::write(&secret, "a-shared-secret-for-the-test-cluster\n").unwrap();
-        let prefix = format!("t/cluster-{}/", shared.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'));
-        let mut nodes = Vec::new();
-        let mut peers = Vec::new();
-        for _ in 0..n {
-            let port = common::free_port();
-            let url = format!("http://127.0.0.1:{port}");
-            let section = format!(
-                "\n[cluster]\nadvertise = \"{url}\"\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\nheartbeat = \"200ms\"\nmember_timeout = \"1s\"\n",
-                secret.display()
-            );
-            let prefix = prefix.clone();
-            let b = Berth::start_edited(extra, move |text| {
-                let text: String = text
-                    .lines()
-                    .map(|l| if l.starts_with("prefix = \"t/") { format!("prefix = \"{prefix}\"") } else { l.to_string() })
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let text = text.replacen("[storage]\n", &format!("[storage]\n{storage}\n"), 1);
-                text + &section
-            });
-            nodes.push(b);
-            peers.push(url);
-        }
-        let c = Nodes { nodes, peers, _shared: shared };
-        for b in &c.nodes {
-            assert!(
-                eventually(Duration::from_secs(15), || metric(b, "berth_cluster_members") == Some(n as f64)),
-                "node {} does not see {n} members; log:\n{}",
-                b.url(),
-                b.log()
-            );
-        }
-        Some(c)
-    }
-
-    /// The node that owns `key`, by index.
-    fn owner(&self, key: &str) -> usize {
-        let url = berth::cluster::owner_url(&self.peers, key).unwrap();
-        self.peers.iter().position(|p| *p == url).unwrap()
-    }
-}
-
-fn metric(b: &Berth, name: &str) -> Option<f64> {
-    let text = reqwest::blocking::get(format!("{}/metrics", b.admin_url())).ok()?.text().ok()?;
-    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{'])).and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-fn metric_sum(b: &Berth, prefix: &str) -> f64 {
-    let text = reqwest::blocking::get(format!("{}/metrics", b.admin_url())).unwrap().text().unwrap();
-    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 fn upstream(fake: &Fake) -> String {
