@@ -480,7 +480,9 @@ impl BlobTemp for S3Temp {
             if self.b.head(&self.key)?.is_some() {
                 // Another writer published the same content: ours is not needed.
                 // Best effort: one left behind only takes space until a bucket lifecycle rule aborts it.
-                let _ = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
+                let t = Instant::now();
+                let r = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
+                let _ = self.b.account("abort_multipart", t, 0, r);
             } else {
                 let parts = std::mem::take(&mut self.parts);
                 let t = Instant::now();
@@ -503,9 +505,11 @@ impl Drop for S3Temp {
         if !self.done {
             let _ = fs::remove_file(&self.path);
             if let Some(mp) = self.mp.take() {
-                let (s3, key) = (self.b.client(), self.b.key(&self.key));
+                let (s3, key, b) = (self.b.client(), self.b.key(&self.key), self.b.clone());
                 self.b.spawn(async move {
-                    let _ = s3.abort_multipart(&key, &mp).await;
+                    let t = Instant::now();
+                    let r = s3.abort_multipart(&key, &mp).await;
+                    let _ = b.account("abort_multipart", t, 0, r);
                 });
             }
         }
@@ -729,7 +733,9 @@ impl BlobStore for S3Blobs {
         if let Some(st) = self.session(id)? {
             if let (Some(mp), false) = (st.mp.clone(), st.sealed) {
                 let (s3, key) = (self.b.client(), self.b.key(&Self::upload_key(id, "data")));
-                let _ = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
+                let t = Instant::now();
+                let r = self.b.run(async move { s3.abort_multipart(&key, &mp).await });
+                let _ = self.b.account("abort_multipart", t, 0, r);
             }
         }
         let mut keys = Vec::new();
