@@ -242,6 +242,28 @@ fn a_tag_is_fetched_and_checked_by_its_owner_only() {
     }
     assert_eq!(fake.count("HEAD manifest") - heads, 1, "the owner checked the tag once for every node");
     assert_eq!(fake.count("GET manifest"), 1);
+    // 16 clients at once on a node that does not own a new tag: one question to its owner.
+    let (md2, _, _) = fake.add_image("library/app", "2.0", b"another mirrored layer");
+    let owner = c.owner("docker.io/library/app:2.0");
+    let other = (owner + 1) % 3;
+    let asked = |b: &Berth| metric_sum(b, "berth_cluster_forwards_total{kind=\"manifest\",result=\"ok\"}");
+    let before = asked(&c.nodes[other]);
+    let url = c.nodes[other].url();
+    let handles: Vec<_> = (0..16)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let r = client().get(format!("{url}/v2/library/app/manifests/2.0")).header("Accept", OCI_MANIFEST).send().unwrap();
+                (r.status().as_u16(), r.headers()["docker-content-digest"].to_str().unwrap().to_string())
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), (200, md2.clone()));
+    }
+    let forwarded = asked(&c.nodes[other]) - before;
+    assert_eq!(forwarded, 1.0, "questions to the owner for 16 concurrent pulls");
+    assert_eq!(fake.count("GET manifest"), 2);
 }
 
 /// A GC running on one node while the others push: what a push was acknowledged for stays

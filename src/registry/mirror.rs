@@ -37,6 +37,46 @@ pub struct Mirror {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Tag checks in flight ("<store repo>:<tag>"), shared by concurrent requests.
     revalidations: Arc<Mutex<HashMap<String, Revalidation>>>,
+    /// Questions to a reference's owner in flight, shared by concurrent requests.
+    owner_asks: Arc<Mutex<HashMap<String, OwnerAsk>>>,
+}
+
+/// What a manifest's owner answered.
+#[derive(Clone)]
+enum OwnerAnswer {
+    Found { media_type: String, digest: String, cache: Option<String>, warning: Option<String>, bytes: Bytes },
+    /// The upstream does not have it (the owner asked).
+    Unknown,
+}
+
+type OwnerAsk = Shared<BoxFuture<'static, Result<OwnerAnswer, String>>>;
+
+/// Asks `owner` for a manifest; the bytes are checked against their digest. `Err`: why the
+/// owner could not answer.
+async fn owner_manifest(
+    c: &crate::cluster::Cluster,
+    owner: &crate::cluster::Member,
+    path: &str,
+    headers: reqwest::header::HeaderMap,
+    reference: &Reference,
+) -> Result<OwnerAnswer, String> {
+    let r = c.get(owner, path, headers).await?;
+    match r.status().as_u16() {
+        200 => {}
+        404 => return Ok(OwnerAnswer::Unknown),
+        s => return Err(format!("owner answered {s}")),
+    }
+    let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (Some(media_type), Some(digest)) = (header("content-type"), header("docker-content-digest")) else {
+        return Err("owner answered without a digest or media type".into());
+    };
+    let (cache, warning) = (header("x-berth-cache"), header("warning"));
+    let bytes = crate::upstream::read_capped(r.bytes_stream(), MAX_MANIFEST_BYTES, "manifest").await.map_err(|e| format!("{e:?}"))?;
+    let d = Digest::parse(&digest).map_err(|_| format!("owner sent digest {digest:?}"))?;
+    if Digest::of(d.algorithm(), &bytes) != d || matches!(reference, Reference::Digest(want) if *want != d) {
+        return Err("owner's manifest does not match its digest".into());
+    }
+    Ok(OwnerAnswer::Found { media_type, digest, cache, warning, bytes })
 }
 
 /// What checking a cached tag upstream found.
@@ -84,6 +124,7 @@ impl Mirror {
             manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
             cluster: std::sync::OnceLock::new(),
             revalidations: Arc::new(Mutex::new(HashMap::new())),
+            owner_asks: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -119,39 +160,40 @@ impl Mirror {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::ACCEPT, reqwest::header::HeaderValue::from_static(ACCEPT_ALL));
         let fallback = |why: String| {
-            FORWARDS.with_label_values(&["manifest", "fallback"]).inc();
             tracing::warn!(owner = %owner.url, reference = %reference, error = %why, "manifest owner unavailable; asking the upstream");
             None
         };
-        let r = match c.get(&owner, &path, headers).await {
-            Ok(r) => r,
-            Err(e) => return fallback(e),
+        // Concurrent requests for one reference share one question to the owner.
+        let ask_key = format!("{key}:{reference}");
+        let shared = {
+            let mut map = self.owner_asks.lock();
+            match map.get(&ask_key) {
+                Some(f) => f.clone(),
+                None => {
+                    let (table, k) = (self.owner_asks.clone(), ask_key.clone());
+                    let (c, owner, reference) = (c.clone(), owner.clone(), reference.clone());
+                    let task = tokio::spawn(async move {
+                        let out = owner_manifest(&c, &owner, &path, headers, &reference).await;
+                        FORWARDS.with_label_values(&["manifest", if out.is_ok() { "ok" } else { "fallback" }]).inc();
+                        table.lock().remove(&k);
+                        out
+                    });
+                    let f = async move { task.await.unwrap_or_else(|e| Err(format!("asking the owner failed: {e}"))) }.boxed().shared();
+                    map.insert(ask_key, f.clone());
+                    f
+                }
+            }
         };
-        match r.status().as_u16() {
-            200 => {}
-            404 => {
-                FORWARDS.with_label_values(&["manifest", "ok"]).inc();
+        let (media_type, digest, cache, warning, bytes) = match shared.await {
+            Ok(OwnerAnswer::Found { media_type, digest, cache, warning, bytes }) => (media_type, digest, cache, warning, bytes),
+            Ok(OwnerAnswer::Unknown) => {
                 return Some(Err(OciError::msg(
                     ErrorCode::ManifestUnknown,
                     format!("{}/{repo}:{reference} does not exist upstream", upstream.name),
                 )));
             }
-            s => return fallback(format!("owner answered {s}")),
-        }
-        let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (Some(media_type), Some(digest)) = (header("content-type"), header("docker-content-digest")) else {
-            return fallback("owner answered without a digest or media type".into());
+            Err(why) => return fallback(why),
         };
-        let (cache, warning) = (header("x-berth-cache"), header("warning"));
-        let bytes = match crate::upstream::read_capped(r.bytes_stream(), MAX_MANIFEST_BYTES, "manifest").await {
-            Ok(b) => b,
-            Err(e) => return fallback(format!("{e:?}")),
-        };
-        let Ok(d) = Digest::parse(&digest) else { return fallback(format!("owner sent digest {digest:?}")) };
-        if Digest::of(d.algorithm(), &bytes) != d || matches!(reference, Reference::Digest(want) if *want != d) {
-            return fallback("owner's manifest does not match its digest".into());
-        }
-        FORWARDS.with_label_values(&["manifest", "ok"]).inc();
         if let Reference::Tag(t) = reference {
             self.tag_checked.insert(format!("{key}:{t}"), Instant::now());
         }
