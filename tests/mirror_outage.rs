@@ -53,7 +53,7 @@ fn cached_tags_do_not_wait_for_a_slow_or_dead_upstream() {
     let mut fake = Fake::start();
     let (md, _, _) = fake.add_image("library/app", "1", b"layer one");
     // A first byte may take a minute: berth must not wait that long for a tag it has.
-    let b = Berth::start(&config(&fake, "timeout = \"60s\"\nstale_after = \"200ms\""));
+    let b = Berth::start(&config(&fake, "timeout = \"60s\"\nstale_after = \"3s\""));
     let c = client();
     assert_eq!(pull(&c, &b, "1").status(), 200);
     let cached = Instant::now();
@@ -70,6 +70,15 @@ fn cached_tags_do_not_wait_for_a_slow_or_dead_upstream() {
         assert_eq!((*status, cache.as_str(), d.as_str()), (200, "stale", md.as_str()));
     }
     assert_eq!(fake.count("HEAD manifest") - heads, 1, "one check for 50 clients");
+    // The check is still running, known to be slow: later pulls do not wait for it again (each
+    // would take the whole `stale_after` if they did).
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = pull(&c, &b, "1");
+        assert_eq!(r.headers()["x-berth-cache"], "stale");
+        assert!(t.elapsed() < Duration::from_millis(2900), "a pull waited {:?} for a check known to be slow", t.elapsed());
+    }
+    assert_eq!(fake.count("HEAD manifest") - heads, 1);
 
     // Down: refused connections. Pulls go on from the cache.
     fake.stop();

@@ -36,7 +36,7 @@ pub struct Mirror {
     /// With `[cluster]`: cold blobs and tag checks go to their owner.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Tag checks in flight ("<store repo>:<tag>"), shared by concurrent requests.
-    revalidations: Arc<Mutex<HashMap<String, Revalidation>>>,
+    revalidations: Arc<Mutex<HashMap<String, (Revalidation, Instant)>>>,
     /// Questions to a reference's owner in flight, shared by concurrent requests.
     owner_asks: Arc<Mutex<HashMap<String, OwnerAsk>>>,
 }
@@ -307,9 +307,12 @@ impl Mirror {
                 // One check per tag at a time, in a task of its own: a slow or failing
                 // upstream is not waited for past `stale_after` (or at all while its circuit is
                 // open), and the check goes on for the next pull.
-                let check = self.revalidation(upstream, repo, key, tag.as_str(), &cd);
+                let (check, started) = self.revalidation(upstream, repo, key, tag.as_str(), &cd);
                 let client = self.client(upstream);
-                let waited = if client.breaker.is_open() { None } else { tokio::time::timeout(upstream.stale_after, check).await.ok() };
+                // A check already running for `stale_after` is known to be slow: later requests
+                // do not wait for it again.
+                let wait = upstream.stale_after.saturating_sub(started.elapsed());
+                let waited = if client.breaker.is_open() || wait.is_zero() { None } else { tokio::time::timeout(wait, check).await.ok() };
                 match waited {
                     None => {
                         let e =
@@ -338,7 +341,7 @@ impl Mirror {
 
     /// The check of a cached tag against its upstream, shared by every request that asks while
     /// it runs.
-    fn revalidation(&self, upstream: &Upstream, repo: &RepoName, key: &str, tag: &str, cached: &Digest) -> Revalidation {
+    fn revalidation(&self, upstream: &Upstream, repo: &RepoName, key: &str, tag: &str, cached: &Digest) -> (Revalidation, Instant) {
         let tag_key = format!("{key}:{tag}");
         let mut map = self.revalidations.lock();
         if let Some(r) = map.get(&tag_key) {
@@ -363,8 +366,9 @@ impl Mirror {
             async move { task.await.unwrap_or_else(|e| Revalidated::Failed(UpstreamError::Unreachable(format!("tag check failed: {e}")))) }
                 .boxed()
                 .shared();
-        map.insert(tag_key, shared.clone());
-        shared
+        let started = Instant::now();
+        map.insert(tag_key, (shared.clone(), started));
+        (shared, started)
     }
 
     async fn stale(
