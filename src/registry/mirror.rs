@@ -44,7 +44,13 @@ pub struct Mirror {
 /// What a manifest's owner answered.
 #[derive(Clone)]
 enum OwnerAnswer {
-    Found { media_type: String, digest: String, cache: Option<String>, warning: Option<String>, bytes: Bytes },
+    Found {
+        media_type: String,
+        digest: String,
+        cache: Option<String>,
+        warning: Option<String>,
+        bytes: Bytes,
+    },
     /// The upstream does not have it (the owner asked).
     Unknown,
 }
