@@ -57,8 +57,11 @@ pub static FORWARDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .unwrap()
 });
 pub static PEER_BYTES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
-    prometheus::register_int_counter!("berth_cluster_peer_bytes_total", "Response bytes this node sent to other members on the peer listener")
-        .unwrap()
+    prometheus::register_int_counter!(
+        "berth_cluster_peer_bytes_total",
+        "Response bytes this node sent to other members on the peer listener"
+    )
+    .unwrap()
 });
 pub static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_cluster_notifications_total", "Journal writes announced to peers, by outcome", &["result"]).unwrap()
