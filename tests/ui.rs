@@ -269,6 +269,47 @@ fn login_sessions_and_visibility_over_http() {
     assert_eq!(c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &id).send().unwrap().status(), 404);
 }
 
+/// Deleting a manifest from its confirm page, then a GC dry run that reports what it would
+/// free and frees nothing.
+#[test]
+fn delete_manifest_then_gc_dry_run() {
+    let b = Berth::start_with_storage("gc_grace = \"0s\"\n", "[[namespace]]\nprefix = \"team\"\nimmutable_tags = [\"release-*\"]\n");
+    let p = Pusher { b: &b, c: client(), user: None };
+    let (d, _) = p.image("team/app", Some("v1"), "amd64", json!({}));
+    p.image("team/app", Some("release-1"), "arm64", json!({}));
+    let c = client();
+    let get = |path: &str| {
+        let r = c.get(format!("{}{path}", b.url())).send().unwrap();
+        let set = cookie(&r, "berth_csrf").map(|v| v.split(';').next().unwrap().to_string());
+        (set, html(r))
+    };
+    let (token_cookie, (status, _, confirm)) = get(&format!("/ui/r/team/app/-/delete-manifest/{d}"));
+    assert_eq!(status, 200, "{confirm}");
+    assert!(confirm.contains("These tags point at it and are deleted with it") && confirm.contains(">v1<"), "{confirm}");
+    let token_cookie = token_cookie.expect("a token cookie");
+    let token = hidden_csrf(&confirm);
+    let post =
+        |path: &str| c.post(format!("{}{path}", b.url())).header("Cookie", &token_cookie).form(&[("csrf", token.as_str())]).send().unwrap();
+    let r = post(&format!("/ui/r/team/app/-/delete-manifest/{d}"));
+    assert_eq!(r.status(), 303);
+    assert_eq!(c.get(format!("{}/v2/team/app/manifests/{d}", b.url())).send().unwrap().status(), 404);
+
+    // An immutable tag is refused with a page that says why.
+    let (status, _, refused) = html(post("/ui/r/team/app/-/delete-tag/release-1"));
+    assert_eq!(status, 403);
+    assert!(refused.contains("immutable"), "{refused}");
+
+    let (_, (_, _, gc)) = get("/ui/gc");
+    assert!(gc.contains("id=\"dry-run\""), "{gc}");
+    let (status, _, report) = html(post("/ui/gc"));
+    assert_eq!(status, 200, "{report}");
+    let freed = report.split("id=\"gc-bytes\">").nth(1).unwrap().split('<').next().unwrap().to_string();
+    assert!(!freed.starts_with("0 B in 0 blobs"), "the deleted image's blobs are unreferenced: {freed}");
+    // A dry run: the blobs are all still stored.
+    let (_, _, again) = html(post("/ui/gc"));
+    assert!(again.contains(&freed), "a second dry run frees the same: {again}");
+}
+
 /// home → repository → tag → platform → layers, referrers, and search, in a real browser.
 #[test]
 fn browser_clicks_through_repositories_without_auth() {

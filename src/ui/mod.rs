@@ -123,6 +123,7 @@ fn render(status: u16, template: &str, viewer: &Viewer, reg: &Registry, req: &Re
         obj.insert("user".into(), viewer.user.clone().into());
         obj.insert("csrf".into(), viewer.csrf.clone().into());
         obj.insert("auth_on".into(), reg.auth.is_some().into());
+        obj.insert("may_collect".into(), pages::may_collect(reg, viewer).into());
         obj.entry("q").or_insert_with(|| req.param("q").unwrap_or_default().into());
     }
     let html = TEMPLATES.get_template(template).and_then(|t| t.render(minijinja::Value::from_serialize(&ctx)));

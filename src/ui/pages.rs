@@ -590,7 +590,7 @@ async fn login(reg: &Registry, req: &Request<'_>, body: &mut dyn RequestBody, vi
 
 /// Who may run a collection from the pages: anyone without `[auth]`, else users who may push
 /// to some hosted namespace.
-fn may_collect(reg: &Registry, viewer: &Viewer) -> bool {
+pub fn may_collect(reg: &Registry, viewer: &Viewer) -> bool {
     let Some(auth) = &reg.auth else { return true };
     viewer.user.is_some()
         && reg.config.namespaces.iter().any(|n| auth.policy().hosted(&n.prefix).allows(viewer.user.as_deref(), Action::Push))
