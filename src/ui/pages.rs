@@ -106,11 +106,16 @@ fn no_tag(repo: &str, tag: &str) -> UiError {
 /// else is the same 404, so a private repository looks exactly like a missing one.
 fn visible_repo(reg: &Registry, viewer: &Viewer, name: &str) -> Result<Target, UiError> {
     let missing = || UiError::not_found(format!("There is no repository {name} here."));
-    let target = reg.resolve(name, None).map_err(|_| missing())?;
-    if store_name(&target) != name || !may(reg, viewer, &target, Action::Pull) || !reg.store.meta().repo_exists(name)? {
-        return Err(missing());
+    match visible_name(reg, viewer, name) {
+        Some(target) if reg.store.meta().repo_exists(name)? => Ok(target),
+        _ => Err(missing()),
     }
-    Ok(target)
+}
+
+/// Where a stored repository name lives, if this visitor may pull from it.
+fn visible_name(reg: &Registry, viewer: &Viewer, name: &str) -> Option<Target> {
+    let target = reg.resolve(name, None).ok()?;
+    (store_name(&target) == name && may(reg, viewer, &target, Action::Pull)).then_some(target)
 }
 
 /// Which group a repository is listed under on the home page.
@@ -138,7 +143,8 @@ fn home(reg: &Registry, req: &Request<'_>, viewer: &Viewer) -> Result<Response, 
             }
             scanned += 1;
             let wanted = q.is_empty() || name.contains(q.as_str());
-            if let Some(t) = wanted.then(|| visible_repo(reg, viewer, &name).ok()).flatten() {
+            // Names come from the store: no existence check per name.
+            if let Some(t) = wanted.then(|| visible_name(reg, viewer, &name)).flatten() {
                 if rows.len() == PAGE {
                     next = rows.last().map(|r| r.0.clone());
                     break 'scan;
