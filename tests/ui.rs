@@ -327,6 +327,7 @@ fn browser_clicks_through_repositories_without_auth() {
     br.wait_heading("Repositories");
     // Without [auth] every namespace is listed, "private" ones included.
     assert_eq!(br.texts("a.repo"), ["secret/app", "team/app", "team/tools/lint"]);
+    br.screenshot("home");
 
     br.click_on("a.repo", "team/app");
     br.wait_heading("team/app");
@@ -334,10 +335,12 @@ fn browser_clicks_through_repositories_without_auth() {
     assert!(br.text_of(&row).contains("linux/amd64, linux/arm64"), "{}", br.text_of(&row));
     br.wait_for("#tags tr", "v2");
     br.wait_for(".pull pre", "docker pull");
+    br.screenshot("repository");
 
     br.click_on("a.tag", "v1");
     br.wait_heading("team/app:v1");
     assert_eq!(br.texts("#platforms a.platform"), ["linux/amd64", "linux/arm64"]);
+    br.screenshot("index");
     br.click_on("#platforms a.platform", "linux/arm64");
     br.wait_url("the arm64 manifest", |u| u.ends_with(&arm));
     br.wait_heading("team/app@");
@@ -346,6 +349,7 @@ fn browser_clicks_through_repositories_without_auth() {
     br.wait_for("#env li", "ARCH=arm64");
     br.wait_for("#entrypoint", "/app");
     br.wait_for("#history", "COPY app-arm64 /app");
+    br.screenshot("image");
 
     // The amd64 image carries an SBOM; its page links it.
     br.goto(&format!("{}/ui/r/team/app/-/manifest/{amd}", b.url()));

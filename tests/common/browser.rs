@@ -163,6 +163,16 @@ impl Browser {
         self.cmd("POST", &format!("/element/{e}/value"), Some(json!({"text": value})));
     }
 
+    /// Saves what the window shows as PNG into `$BERTH_UI_SCREENSHOTS/<name>.png`, when that is set
+    /// (how the README's pictures are made).
+    pub fn screenshot(&self, name: &str) {
+        let Ok(dir) = std::env::var("BERTH_UI_SCREENSHOTS") else { return };
+        use base64::Engine as _;
+        let png = base64::engine::general_purpose::STANDARD.decode(self.cmd("GET", "/screenshot", None).as_str().unwrap()).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+
     /// Waits until the page has an `h1` containing `text`: the sign that a navigation landed.
     pub fn wait_heading(&self, text: &str) {
         self.wait_for("h1", text);
