@@ -267,6 +267,15 @@ fn login_sessions_and_visibility_over_http() {
     assert_eq!(out.status(), 303);
     assert!(cookie(&out, "berth_session").is_some_and(|v| v.contains("Max-Age=0")));
     assert_eq!(c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &id).send().unwrap().status(), 404);
+
+    // A new password in htpasswd ends the sessions logged in with the old one.
+    let again = login("alice", "alice-secret", &csrf);
+    let id = cookie(&again, "berth_session").unwrap().split(';').next().unwrap().to_string();
+    let secret_status = || c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &id).send().unwrap().status();
+    assert_eq!(secret_status(), 200);
+    let text: String = [("alice", "changed"), USERS[1]].iter().map(|(u, pw)| format!("{u}:{}\n", bcrypt::hash(pw, 4).unwrap())).collect();
+    std::fs::write(b.dir.path().join("htpasswd"), text).unwrap();
+    assert!(common::eventually(Duration::from_secs(20), || secret_status() == 404), "the session outlived the password");
 }
 
 /// Deleting a manifest from its confirm page, then a GC dry run that reports what it would

@@ -90,6 +90,13 @@ pub async fn handle(reg: &Registry, req: &Request<'_>, body: &mut dyn RequestBod
         return redirect("/ui/");
     }
     let mut viewer = Viewer::of(&reg.ui, req);
+    if let (Some(auth), Some(user), Some(id)) = (&reg.auth, viewer.user.clone(), viewer.session_id.clone()) {
+        // Removed from htpasswd, or given a new password: logged out.
+        if auth.entry_of(&user).await != viewer.entry {
+            reg.ui.end(&id);
+            viewer = Viewer::of(&reg.ui, req);
+        }
+    }
     outcome.user = viewer.user.clone();
     let resp = match pages::route(reg, req, body, &mut viewer, outcome).await {
         Ok(r) => r,

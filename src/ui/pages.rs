@@ -583,7 +583,7 @@ async fn login(reg: &Registry, req: &Request<'_>, body: &mut dyn RequestBody, vi
     let (user, password) = (field(&form, "username").unwrap_or_default(), field(&form, "password").unwrap_or_default());
     match auth.check_password(user, password, req.client).await {
         Ok(()) => {
-            let id = reg.ui.create(user);
+            let id = reg.ui.create(user, auth.entry_of(user).await);
             viewer.set_cookies.push(session::cookie(req, session::SESSION_COOKIE, &id, None));
             Ok(redirect("/ui/"))
         }

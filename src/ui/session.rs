@@ -18,6 +18,8 @@ const IDLE: Duration = Duration::from_secs(12 * 3600);
 pub struct Session {
     pub user: String,
     pub csrf: String,
+    /// The user's htpasswd entry at login: the session ends when it changes.
+    pub entry: Option<String>,
 }
 
 /// Logged-in browsers, in memory: a restart logs everyone out, and each node of a cluster has
@@ -33,10 +35,10 @@ impl Default for Sessions {
 }
 
 impl Sessions {
-    /// Starts a session for `user`; returns its id.
-    pub fn create(&self, user: &str) -> String {
+    /// Starts a session for `user`, logged in with htpasswd entry `entry`; returns its id.
+    pub fn create(&self, user: &str, entry: Option<String>) -> String {
         let id = random_token();
-        self.by_id.insert(id.clone(), Arc::new(Session { user: user.to_string(), csrf: random_token() }));
+        self.by_id.insert(id.clone(), Arc::new(Session { user: user.to_string(), csrf: random_token(), entry }));
         id
     }
 
@@ -60,6 +62,8 @@ pub fn random_token() -> String {
 pub struct Viewer {
     /// The logged-in user (None: anonymous, or no `[auth]`).
     pub user: Option<String>,
+    /// Their htpasswd entry at login.
+    pub entry: Option<String>,
     pub session_id: Option<String>,
     /// What this visitor's forms carry.
     pub csrf: String,
@@ -100,6 +104,7 @@ impl Viewer {
             if let Some(s) = sessions.get(&id) {
                 return Viewer {
                     user: Some(s.user.clone()),
+                    entry: s.entry.clone(),
                     session_id: Some(id),
                     csrf: s.csrf.clone(),
                     csrf_known: true,
@@ -108,11 +113,11 @@ impl Viewer {
             }
         }
         match cookie_value(req, CSRF_COOKIE).filter(|v| well_formed(v)) {
-            Some(csrf) => Viewer { user: None, session_id: None, csrf, csrf_known: true, set_cookies: Vec::new() },
+            Some(csrf) => Viewer { user: None, entry: None, session_id: None, csrf, csrf_known: true, set_cookies: Vec::new() },
             None => {
                 let csrf = random_token();
                 let set = cookie(req, CSRF_COOKIE, &csrf, None);
-                Viewer { user: None, session_id: None, csrf, csrf_known: false, set_cookies: vec![set] }
+                Viewer { user: None, entry: None, session_id: None, csrf, csrf_known: false, set_cookies: vec![set] }
             }
         }
     }
@@ -137,7 +142,7 @@ mod tests {
     #[test]
     fn sessions_and_tokens() {
         let sessions = Sessions::default();
-        let id = sessions.create("alice");
+        let id = sessions.create("alice", None);
         let mut h = http::HeaderMap::new();
         h.insert(http::header::COOKIE, format!("other=1; {SESSION_COOKIE}={id}").parse().unwrap());
         let v = Viewer::of(&sessions, &req_with(&h));
