@@ -196,6 +196,41 @@ fn pages_read_the_index_only() {
     assert_eq!(c.get(format!("{}/v2/", b.url())).send().unwrap().text().unwrap(), "{}");
 }
 
+/// 50 repositories per home page and 50 tags per repository page, each with a link to the next.
+#[test]
+fn home_and_tags_are_paged() {
+    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    let p = Pusher { b: &b, c: client(), user: None };
+    for i in 0..53 {
+        p.image(&format!("team/r{i:02}"), Some("v1"), "amd64", json!({}));
+    }
+    let body: Value = p.c.get(format!("{}/v2/team/r00/manifests/v1", b.url())).send().unwrap().json().unwrap();
+    for t in 0..52 {
+        p.manifest("team/r00", &format!("t{t:02}"), OCI_MANIFEST, &body);
+    }
+    let c = client();
+    let count = |page: &str, class: &str| page.matches(&format!("class=\"{class}\"")).count();
+    let next_of = |page: &str| {
+        page.split("id=\"next\" href=\"").nth(1).map(|r| r.split('"').next().unwrap().replace("&amp;", "&").replace("&#x2f;", "/"))
+    };
+
+    let (_, _, first) = html(c.get(format!("{}/ui/", b.url())).send().unwrap());
+    assert_eq!(count(&first, "repo"), 50);
+    let next = next_of(&first).expect("a link to the next page");
+    assert_eq!(next, "/ui/?after=team%2Fr49");
+    let (_, _, second) = html(c.get(format!("{}{next}", b.url())).send().unwrap());
+    assert_eq!(count(&second, "repo"), 3, "{second}");
+    assert!(second.contains(">team&#x2f;r52<") && next_of(&second).is_none(), "{second}");
+
+    let (_, _, tags) = html(c.get(format!("{}/ui/r/team/r00", b.url())).send().unwrap());
+    assert_eq!(count(&tags, "tag"), 50);
+    let next = next_of(&tags).expect("a link to more tags");
+    let (_, _, rest) = html(c.get(format!("{}{next}", b.url())).send().unwrap());
+    assert_eq!(count(&rest, "tag"), 3, "{rest}");
+    // The tag count on the home page.
+    assert!(first.contains("<td class=\"num\">53</td>"), "{first}");
+}
+
 #[test]
 fn ui_can_be_turned_off() {
     let b = Berth::start("[ui]\nenabled = false\n");
