@@ -196,7 +196,8 @@ impl Registry {
         Err(OciError::msg(ErrorCode::NameUnknown, format!("repository {name:?} is not in any hosted namespace and no upstream mirrors it")))
     }
 
-    /// Handles one registry request. Every failure becomes an OCI error response.
+    /// Handles one request. Every registry failure becomes an OCI error response; the web UI's
+    /// paths (with `[ui]` on) answer with pages, their failures included.
     pub async fn handle(&self, req: &Request<'_>, body: &mut dyn RequestBody, outcome: &mut Outcome) -> Response {
         if self.config.ui_enabled && !req.peer && crate::ui::is_ui_path(req.path) {
             return crate::ui::handle(self, req, body, outcome).await;
