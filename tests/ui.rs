@@ -39,12 +39,16 @@ fn client() -> Client {
 }
 
 fn start_with_auth() -> Berth {
+    start_with_auth_and("")
+}
+
+fn start_with_auth_and(extra: &str) -> Berth {
     let dir = tempfile::tempdir().unwrap();
     let ht = dir.path().join("htpasswd");
     // Cost 4 keeps the suite fast; berth accepts any bcrypt cost.
     let text: String = USERS.iter().map(|(u, pw)| format!("{u}:{}\n", bcrypt::hash(pw, 4).unwrap())).collect();
     std::fs::write(&ht, text).unwrap();
-    Berth::start_in(dir, &format!("[auth]\nhtpasswd = \"{}\"\n{RULES}", ht.display()))
+    Berth::start_in(dir, &format!("[auth]\nhtpasswd = \"{}\"\n{RULES}\n{extra}", ht.display()))
 }
 
 /// Pushes over the plain API, as `user` when given.
@@ -255,15 +259,22 @@ fn hidden_csrf(page: &str) -> String {
 /// visitor sees.
 #[test]
 fn login_sessions_and_visibility_over_http() {
-    let b = start_with_auth();
+    // A mirror only users may pull through.
+    let fake = Fake::start();
+    fake.add_image("library/alpine", "3", b"alpine layer");
+    let b = start_with_auth_and(&format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\npull = [\"authenticated\"]\n", fake.url()));
     let a = alice(&b);
     a.image("public/app", Some("1"), "amd64", json!({}));
     a.image("team/app", Some("1"), "amd64", json!({}));
     a.image("secret/app", Some("1"), "amd64", json!({}));
+    let pulled = a.auth(a.c.get(format!("{}/v2/docker.io/library/alpine/manifests/3", b.url()))).send().unwrap();
+    assert_eq!(pulled.status(), 200);
     let c = client();
 
     let (_, _, anon) = html(c.get(format!("{}/ui/", b.url())).send().unwrap());
     assert!(anon.contains(">public&#x2f;app<") && !anon.contains("team&#x2f;app") && !anon.contains("secret"), "{anon}");
+    assert!(!anon.contains("alpine"), "{anon}");
+    assert_eq!(c.get(format!("{}/ui/r/docker.io/library/alpine", b.url())).send().unwrap().status(), 404);
     assert!(!anon.contains("hosted content stored"), "anonymous visitors see no hosted totals");
     for path in ["/ui/r/secret/app", "/ui/r/team/app", "/ui/r/secret/app/-/tag/1", "/ui/r/secret/app/-/delete-tag/1"] {
         assert_eq!(c.get(format!("{}{path}", b.url())).send().unwrap().status(), 404, "{path} is invisible, not forbidden");
@@ -294,6 +305,7 @@ fn login_sessions_and_visibility_over_http() {
     let (status, _, home) = html(c.get(format!("{}/ui/", b.url())).header("Cookie", &id).send().unwrap());
     assert_eq!(status, 200);
     assert!(home.contains("secret&#x2f;app") && home.contains("team&#x2f;app") && home.contains("hosted content stored"), "{home}");
+    assert!(home.contains(">docker.io&#x2f;library&#x2f;alpine<"), "{home}");
     assert_eq!(c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &id).send().unwrap().status(), 200);
 
     // Logging out ends the session on the server, whatever the browser keeps.
