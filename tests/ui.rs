@@ -308,6 +308,20 @@ fn login_sessions_and_visibility_over_http() {
     assert!(home.contains(">docker.io&#x2f;library&#x2f;alpine<"), "{home}");
     assert_eq!(c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &id).send().unwrap().status(), 200);
 
+    // Logging in again replaces the session: the old id stops working.
+    let relogin = c
+        .post(format!("{}/ui/login", b.url()))
+        .header("Cookie", &id)
+        .form(&[("csrf", hidden_csrf(&home).as_str()), ("username", "alice"), ("password", "alice-secret")])
+        .send()
+        .unwrap();
+    assert_eq!(relogin.status(), 303);
+    let old = id;
+    let id = cookie(&relogin, "berth_session").unwrap().split(';').next().unwrap().to_string();
+    assert_ne!(id, old);
+    assert_eq!(c.get(format!("{}/ui/r/secret/app", b.url())).header("Cookie", &old).send().unwrap().status(), 404);
+    let (_, _, home) = html(c.get(format!("{}/ui/", b.url())).header("Cookie", &id).send().unwrap());
+
     // Logging out ends the session on the server, whatever the browser keeps.
     let token = hidden_csrf(&home);
     let out = c.post(format!("{}/ui/logout", b.url())).header("Cookie", &id).form(&[("csrf", token.as_str())]).send().unwrap();

@@ -583,6 +583,10 @@ async fn login(reg: &Registry, req: &Request<'_>, body: &mut dyn RequestBody, vi
     let (user, password) = (field(&form, "username").unwrap_or_default(), field(&form, "password").unwrap_or_default());
     match auth.check_password(user, password, req.client).await {
         Ok(()) => {
+            // Logging in again replaces the session instead of leaving the old one alive.
+            if let Some(old) = viewer.session_id.take() {
+                reg.ui.end(&old);
+            }
             let id = reg.ui.create(user, auth.entry_of(user).await);
             viewer.set_cookies.push(session::cookie(req, session::SESSION_COOKIE, &id, None));
             Ok(redirect("/ui/"))
