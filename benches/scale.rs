@@ -488,6 +488,21 @@ fn paths(shape: Shape, requests: usize, seed: u64) -> Paths {
     Paths { tags, tags_last, catalog, catalog_last }
 }
 
+/// The web UI's pages on the big store: home pages, repository pages, a search that matches
+/// nothing. Each page reads a bounded slice of the store, whatever its size.
+fn ui_latencies(port: u16, shape: Shape, requests: usize) -> [Pct; 3] {
+    let mut rng = Rng(45);
+    let mut home = Vec::new();
+    let mut repo = Vec::new();
+    for _ in 0..requests {
+        home.push(format!("/ui/?after={}", repo_name(rng.below(shape.repos)).replace('/', "%2F")));
+        repo.push(format!("/ui/r/{}", repo_name(rng.below(shape.repos))));
+    }
+    let search = vec!["/ui/?q=no-such-name".to_string(); requests];
+    let _ = latencies(port, &repo[..requests.min(20)]);
+    [pct(latencies(port, &home)), pct(latencies(port, &repo)), pct(latencies(port, &search))]
+}
+
 /// Checks that the server lists what was generated before anything is timed. distribution 2.8
 /// lists a repository's tags in directory order, not sorted.
 fn check_listing(port: u16, shape: Shape, sorted_tags: bool) {
@@ -583,6 +598,7 @@ fn main() {
     let (walked, walk_secs) = walk_catalog(berth.port);
     assert_eq!(walked, shape.repos, "catalog walk");
     let metrics_after = pct(latencies(berth.admin_port, &vec!["/metrics".to_string(); 200]));
+    let ui = ui_latencies(berth.port, shape, (requests / 10).max(20));
     for (what, v) in [("tags/list", tags), ("tags/list last=", tags_last), ("catalog", catalog), ("catalog last=", catalog_last)] {
         eprintln!("{what}: p50 {:.3} ms p99 {:.3} ms max {:.2} ms over {}", v.p50, v.p99, v.max, v.n);
     }
@@ -686,6 +702,12 @@ fn main() {
         shape.repos.div_ceil(100),
         tags.max.max(tags_last.max),
         catalog.max.max(catalog_last.max)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "Web UI on this store, p50 / p99 ms over {} GETs each: home page (50 repositories and their tag counts, from a random `after=`) {:.2} / {:.2}; a repository page (50 tags with digest, media type, platform, size, date) {:.2} / {:.2}; a search matching nothing (looks at 5000 names, then offers to go on) {:.2} / {:.2}.\n",
+        ui[0].n, ui[0].p50, ui[0].p99, ui[1].p50, ui[1].p99, ui[2].p50, ui[2].p99
     )
     .unwrap();
     match &side {

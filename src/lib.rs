@@ -4,6 +4,7 @@
 //! ```text
 //! client ──► http (pingora, thin) ──► registry::Registry::handle
 //!                                        │ /token: berth's token service (auth: htpasswd, ES256 JWTs)
+//!                                        │ /ui/: web pages over the index (ui; sessions from the same htpasswd)
 //!                                        │ resolve: ?ns= / host prefix / hosted namespace / default upstream
 //!                                        │ authorize (with [auth]): caller's pull/push on that repository, else 401
 //!                                        ├─► hosted: uploads, manifest PUT checks ──► store
@@ -29,4 +30,5 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod ui;
 pub mod upstream;

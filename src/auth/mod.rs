@@ -178,6 +178,12 @@ impl Auth {
         &self.policy
     }
 
+    /// The user's htpasswd entry as last (re)loaded; None once they are removed. A login
+    /// session remembers it, so a changed password or a removed user ends the session.
+    pub async fn entry_of(&self, user: &str) -> Option<String> {
+        self.users().await.users.hash_of(user).map(str::to_string)
+    }
+
     /// The caller behind an `Authorization` header (none: anonymous).
     pub async fn authenticate(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, Refusal> {
         let r = self.authenticate_inner(authorization, client).await;

@@ -43,6 +43,20 @@ struct File {
     upstream: Vec<UpstreamFile>,
     auth: Option<AuthFile>,
     cluster: Option<ClusterFile>,
+    #[serde(default)]
+    ui: UiFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UiFile {
+    enabled: bool,
+}
+
+impl Default for UiFile {
+    fn default() -> Self {
+        UiFile { enabled: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +332,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// `[cluster]`: several nodes on one bucket.
     pub cluster: Option<ClusterConfig>,
+    /// `[ui] enabled`: the web pages under `/ui/` on the registry listener.
+    pub ui_enabled: bool,
 }
 
 /// `[cluster]`, validated.
@@ -710,6 +726,7 @@ impl Config {
             upstreams,
             auth,
             cluster,
+            ui_enabled: f.ui.enabled,
         })
     }
 

@@ -77,6 +77,8 @@ pub struct Registry {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Set once at start with `[cluster]`.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The web UI's logged-in browsers.
+    pub ui: crate::ui::Sessions,
 }
 
 /// What the access log and metrics need to know about a handled request.
@@ -105,7 +107,7 @@ impl Registry {
             Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &**store.blobs())?)),
             None => None,
         };
-        Ok(Arc::new(Registry { store, config, mirror, auth, cluster: std::sync::OnceLock::new() }))
+        Ok(Arc::new(Registry { store, config, mirror, auth, cluster: std::sync::OnceLock::new(), ui: Default::default() }))
     }
 
     /// Joins the registry (and its mirror) to a cluster; once, at start.
@@ -194,8 +196,12 @@ impl Registry {
         Err(OciError::msg(ErrorCode::NameUnknown, format!("repository {name:?} is not in any hosted namespace and no upstream mirrors it")))
     }
 
-    /// Handles one registry request. Every failure becomes an OCI error response.
+    /// Handles one request. Every registry failure becomes an OCI error response; the web UI's
+    /// paths (with `[ui]` on) answer with pages, their failures included.
     pub async fn handle(&self, req: &Request<'_>, body: &mut dyn RequestBody, outcome: &mut Outcome) -> Response {
+        if self.config.ui_enabled && !req.peer && crate::ui::is_ui_path(req.path) {
+            return crate::ui::handle(self, req, body, outcome).await;
+        }
         match self.dispatch(req, body, outcome).await {
             Ok(r) => r,
             Err(e) => Response::error(&e),

@@ -1,6 +1,7 @@
 //! Shared harness: runs the real `berth` binary on loopback with a generated config and ports.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 pub mod cmd;
 pub mod distribution;
