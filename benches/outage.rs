@@ -29,6 +29,8 @@ const HUNG: u8 = 2;
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A TCP front for the upstream: forwards, resets every connection, or holds them unanswered.
+/// Leaving "up" also cuts the connections it was forwarding, so a kept-alive connection does
+/// not outlive the outage.
 async fn switch(upstream: u16, mode: Arc<AtomicU8>) -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -37,9 +39,18 @@ async fn switch(upstream: u16, mode: Arc<AtomicU8>) -> u16 {
             let Ok((mut sock, _)) = l.accept().await else { continue };
             match mode.load(Ordering::SeqCst) {
                 UP => {
+                    let mode = mode.clone();
                     tokio::spawn(async move {
                         if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
-                            let _ = tokio::io::copy_bidirectional(&mut sock, &mut up).await;
+                            let cut = async {
+                                while mode.load(Ordering::SeqCst) == UP {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                            };
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut sock, &mut up) => {}
+                                _ = cut => {}
+                            }
                         }
                     });
                 }
