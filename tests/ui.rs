@@ -168,10 +168,14 @@ fn pages_read_the_index_only() {
     assert_eq!((status, ct.as_str()), (200, "text/html; charset=utf-8"));
     assert!(home.contains("Hosted · team") && home.contains("Mirror of docker.io"), "{home}");
     assert!(home.contains(">team&#x2f;app<") && home.contains(">docker.io&#x2f;library&#x2f;alpine<"), "{home}");
+    // The cache at a glance names each upstream's state and the fills running.
+    assert!(home.contains("fills in flight") && home.contains("class=\"upstream-state\">up<"), "{home}");
 
     let (status, _, repo) = html(c.get(format!("{}/ui/r/docker.io/library/alpine", b.url())).send().unwrap());
     assert_eq!(status, 200, "{repo}");
     assert!(repo.contains("hosts.toml") && repo.contains("capabilities = [&quot;pull&quot;, &quot;resolve&quot;]"), "{repo}");
+    // A mirrored tag says whether berth trusts it now, and since when.
+    assert!(repo.contains("class=\"checked\">fresh (checked "), "{repo}");
     let (status, _, tag) = html(c.get(format!("{}/ui/r/docker.io/library/alpine/-/tag/3", b.url())).send().unwrap());
     assert_eq!(status, 200, "{tag}");
     assert!(tag.contains("id=\"layers\""), "{tag}");
@@ -431,7 +435,15 @@ fn browser_clicks_through_repositories_without_auth() {
     br.goto(&format!("{}/ui/r/team/app/-/tag/v2", b.url()));
     br.wait_for("#annotations", "https://example.com/app");
 
-    // Search from the header box.
+    // Pull commands have copy buttons (the page's script adds them).
+    br.goto(&format!("{}/ui/r/team/app", b.url()));
+    br.wait_for("button.copy", "Copy");
+    // Search as you type: the results replace the page without submitting the form.
+    br.type_into(".search input[name=q]", "lint");
+    br.wait_heading("matching");
+    assert_eq!(br.texts("a.repo"), ["team/tools/lint"]);
+    br.wait_url("the search in the address bar", |u| u.ends_with("/ui/?q=lint"));
+    // And the form still works as a form.
     br.type_into(".search input[name=q]", "lint");
     br.click_on(".search button", "Search");
     br.wait_heading("matching");

@@ -222,6 +222,18 @@ impl Mirror {
         Some(Ok(resp.body(Body::Full(bytes))))
     }
 
+    /// An upstream's circuit state (0 closed, 1 probing, 2 open) and the pulls its rate-limit
+    /// headers last said were left.
+    pub fn upstream_health(&self, name: &str) -> (i64, Option<u64>) {
+        self.clients.get(name).map_or((0, None), |c| (c.breaker.state(), c.budget.remaining()))
+    }
+
+    /// How long ago a cached tag (`key` as the store names the repository) was last confirmed
+    /// upstream, if since start.
+    pub fn tag_checked_ago(&self, key: &str, tag: &str) -> Option<Duration> {
+        self.tag_checked.get(&format!("{key}:{tag}")).map(|t| t.elapsed())
+    }
+
     pub fn upstream_named(&self, host: &str) -> Option<Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.answers_to(host)).cloned()
     }

@@ -39,6 +39,7 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
 });
 
 const STYLE: &str = include_str!("templates/style.css");
+const SCRIPT: &str = include_str!("templates/app.js");
 
 /// A page that could not be shown, as the visitor will read it.
 #[derive(Debug)]
@@ -120,7 +121,7 @@ fn html_headers(r: Response) -> Response {
         // No script runs on these pages, and forms post only back here.
         .header(
             "Content-Security-Policy",
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
+            "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
         )
 }
 

@@ -1,7 +1,7 @@
 //! The pages: what each one reads from the index, and the forms that change it.
 
 use super::session::{self, Viewer};
-use super::{may, redirect, render, store_name, UiError, STYLE};
+use super::{may, redirect, render, store_name, UiError, SCRIPT, STYLE};
 use crate::auth::{Action, Refusal};
 use crate::oci::{Digest, Tag};
 use crate::registry::{Body, Outcome, Registry, Request, RequestBody, Response, Target};
@@ -34,6 +34,12 @@ pub async fn route(
             .header("Content-Type", "text/css; charset=utf-8")
             .header("Cache-Control", "max-age=3600")
             .body(Body::Full(STYLE.as_bytes().into())));
+    }
+    if rest == "static/app.js" && get {
+        return Ok(Response::new(200)
+            .header("Content-Type", "text/javascript; charset=utf-8")
+            .header("Cache-Control", "max-age=3600")
+            .body(Body::Full(SCRIPT.as_bytes().into())));
     }
     if rest.is_empty() && get {
         return home(reg, req, viewer);
@@ -199,7 +205,21 @@ fn cache_glance(reg: &Registry, viewer: &Viewer) -> Result<Value, UiError> {
         "ratio": ratio,
         "served_cache": human(SERVED_BYTES.with_label_values(&["cache"]).get()),
         "served_upstream": human(SERVED_BYTES.with_label_values(&["upstream"]).get()),
-        "upstreams": reg.config.upstreams.iter().map(|u| json!({"name": u.name, "url": u.url.as_str()})).collect::<Vec<_>>(),
+        "fills": reg.mirror.fills.in_flight(),
+        "upstreams": reg
+            .config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let (state, remaining) = reg.mirror.upstream_health(&u.name);
+                let state = match state {
+                    0 => "up",
+                    1 => "probing after failures",
+                    _ => "failing: served from the cache",
+                };
+                json!({"name": u.name, "url": u.url.as_str(), "state": state, "remaining": remaining})
+            })
+            .collect::<Vec<_>>(),
     }))
 }
 
@@ -323,6 +343,7 @@ async fn repository(reg: &Registry, req: &Request<'_>, viewer: &Viewer, name: &s
             "platforms": platforms,
             "size": size.map(human),
             "pushed": date(rec.updated_ms),
+            "checked": checked(reg, target, name, t),
         }));
     }
     let example = tags.iter().find(|t| *t == "latest").or(tags.first()).map_or(":latest".to_string(), |t| format!(":{t}"));
@@ -337,6 +358,17 @@ async fn repository(reg: &Registry, req: &Request<'_>, viewer: &Viewer, name: &s
         "deleted": req.param("deleted"),
     });
     Ok(render(200, "repository.html", viewer, reg, req, ctx))
+}
+
+/// For a mirrored tag: whether berth trusts it now (within `tag_ttl` of its last check against
+/// the upstream) and how long ago that check was.
+fn checked(reg: &Registry, target: &Target, name: &str, tag: &str) -> Option<String> {
+    let Target::Mirror { upstream, .. } = target else { return None };
+    Some(match reg.mirror.tag_checked_ago(name, tag) {
+        Some(ago) if ago < upstream.tag_ttl => format!("fresh (checked {}s ago)", ago.as_secs()),
+        Some(ago) => format!("stale (checked {}s ago)", ago.as_secs()),
+        None => "stale (not checked since start)".to_string(),
+    })
 }
 
 fn string_map(v: Option<&Value>) -> Vec<Value> {
