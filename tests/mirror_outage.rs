@@ -165,3 +165,34 @@ fn the_pull_budget_keeps_cached_answers_at_its_reserve() {
     assert!(r.text().unwrap().contains("docker.io"));
     assert_eq!(fake.count("GET manifest"), asked);
 }
+
+/// `offline = true`: never contacted; what berth cached is served as it is (tags do not go
+/// stale), anything else is a 503 naming the upstream.
+#[test]
+fn an_offline_upstream_is_never_contacted() {
+    let fake = Fake::start();
+    let (md, _, ld) = fake.add_image("library/app", "1", b"layer one");
+    let mut b = Berth::start(&config(&fake, ""));
+    let c = client();
+    assert_eq!(pull(&c, &b, "1").status(), 200);
+    assert_eq!(c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).send().unwrap().status(), 200);
+    let text = std::fs::read_to_string(&b.config_path).unwrap();
+    std::fs::write(&b.config_path, text.replace("tag_ttl = \"1s\"", "tag_ttl = \"1s\"\noffline = true")).unwrap();
+    b.restart();
+    let asked: usize = fake.state.lock().unwrap().counts.values().sum();
+    past_ttl(Instant::now());
+    for _ in 0..3 {
+        let r = pull(&c, &b, "1");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+        assert_eq!(r.headers()["x-berth-cache"], "hit");
+    }
+    let r = c.get(format!("{}/v2/library/app/blobs/{ld}", b.url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.get(format!("{}/v2/library/app/tags/list", b.url())).send().unwrap().status(), 200);
+    let r = pull(&c, &b, "2");
+    assert_eq!(r.status(), 503);
+    assert!(r.text().unwrap().contains("offline"));
+    let now: usize = fake.state.lock().unwrap().counts.values().sum();
+    assert_eq!(now, asked, "an offline upstream was contacted");
+}

@@ -264,6 +264,8 @@ struct UpstreamFile {
     stale_after: Duration,
     #[serde(default)]
     ratelimit_reserve: Option<Reserve>,
+    #[serde(default)]
+    offline: bool,
 }
 
 /// `ratelimit_reserve`: a fraction (`0.1`) or a percentage (`"10%"`).
@@ -433,6 +435,8 @@ pub struct Upstream {
     /// Below this share of the rate limit, pulls are spent only on content without a cached
     /// answer.
     pub ratelimit_reserve: f64,
+    /// Never contacted: what berth has cached is served as it is (an air-gapped site).
+    pub offline: bool,
 }
 
 impl Upstream {
@@ -600,6 +604,7 @@ impl Config {
                 credentials,
                 stale_after: u.stale_after,
                 ratelimit_reserve,
+                offline: u.offline,
             });
         }
         for n in &namespaces {

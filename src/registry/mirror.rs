@@ -312,7 +312,8 @@ impl Mirror {
                     outcome.cache = Some(result);
                     return serve::manifest(&self.store, &d, &meta).await.map(|r| cache_header(r, result));
                 };
-                let fresh = self.tag_checked.get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
+                // An offline upstream's cache is the truth: its tags never go stale.
+                let fresh = upstream.offline || self.tag_checked.get(&tag_key).is_some_and(|t| t.elapsed() < upstream.tag_ttl);
                 if fresh {
                     self.store.cache_used(&cd);
                     count("hit");

@@ -63,6 +63,8 @@ pub enum UpstreamError {
     CircuitOpen(Duration),
     /// Not sent: the pull budget is spent (or the upstream said 429) for this long yet.
     BudgetSpent(Duration),
+    /// Not sent: the upstream is configured `offline`.
+    Offline,
     /// A body berth reads into memory passed its cap; reading stopped there.
     TooLarge {
         what: &'static str,
@@ -87,7 +89,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable(_) | UpstreamError::Timeout => true,
             UpstreamError::Status(s, _) => *s >= 500 || *s == 429,
-            UpstreamError::RateLimited(_) | UpstreamError::CircuitOpen(_) | UpstreamError::BudgetSpent(_) => true,
+            UpstreamError::RateLimited(_) | UpstreamError::CircuitOpen(_) | UpstreamError::BudgetSpent(_) | UpstreamError::Offline => true,
             UpstreamError::TooLarge { .. } => false,
         }
     }
@@ -111,6 +113,10 @@ impl UpstreamError {
                 format!("upstream {upstream} is failing; berth stopped asking it for {}s", wait.as_secs().max(1)),
             )
             .with_retry_after(Some(wait.as_secs().max(1).to_string())),
+            UpstreamError::Offline => OciError::msg(
+                ErrorCode::UpstreamDown,
+                format!("upstream {upstream} is offline (offline = true): only what berth has cached is served"),
+            ),
             UpstreamError::BudgetSpent(wait) => OciError::msg(
                 ErrorCode::TooManyRequests,
                 format!("upstream {upstream}'s pull budget is spent; only cached content is served for {}s", wait.as_secs().max(1)),
@@ -352,6 +358,9 @@ impl Client {
 
     async fn raw(&self, method: Method, url: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
         let name = self.upstream.name.as_str();
+        if self.upstream.offline {
+            return Err(UpstreamError::Offline);
+        }
         let gate = self.breaker.gate();
         if let health::Gate::Refuse { retry_in } = gate {
             metrics::UPSTREAM_REQUESTS.with_label_values(&[name, "refused"]).inc();
@@ -471,6 +480,7 @@ mod tests {
             credentials: None,
             stale_after: Duration::from_secs(2),
             ratelimit_reserve: 0.1,
+            offline: false,
         })
     }
 
