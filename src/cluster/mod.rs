@@ -102,7 +102,6 @@ pub struct Cluster {
     urls: Mutex<HashMap<String, String>>,
     /// When this node last created a lease epoch, if it holds the newest one.
     held: Mutex<Option<Instant>>,
-    holder: RwLock<Option<String>>,
     http: reqwest::Client,
     rt: tokio::runtime::Runtime,
     stopped: AtomicBool,
@@ -158,7 +157,6 @@ impl Cluster {
             live: RwLock::new(Arc::new(vec![me])),
             urls: Mutex::new(HashMap::new()),
             held: Mutex::new(None),
-            holder: RwLock::new(None),
             http,
             rt,
             stopped: AtomicBool::new(false),
@@ -214,11 +212,6 @@ impl Cluster {
         // stops acting before anyone else may take over.
         let lease = self.lease_time();
         self.held.lock().is_some_and(|t| t.elapsed() + self.heartbeat * 2 < lease)
-    }
-
-    /// The peer URL of the lease holder, as last seen.
-    pub fn leader(&self) -> Option<String> {
-        self.holder.read().clone()
     }
 
     fn lease_time(&self) -> Duration {
@@ -315,14 +308,6 @@ impl Cluster {
         if holder.as_deref() != Some(self.me.id.as_str()) {
             *self.held.lock() = None;
         }
-        let url = holder.as_ref().map(|h| {
-            if *h == self.me.id {
-                self.me.url.clone()
-            } else {
-                self.urls.lock().get(h).cloned().unwrap_or_else(|| h.clone())
-            }
-        });
-        *self.holder.write() = url;
         if self.is_leader() {
             for (e, _) in epochs.iter().filter(|(e, _)| *e + 2 < epoch) {
                 self.bucket.delete(&format!("{LEASE}{e:020}"))?;

@@ -939,4 +939,42 @@ mod tests {
         assert!(err(&good.replace(&secret.display().to_string(), "/nonexistent/s3-secret")).contains("storage.s3.secret_access_key_file"));
         assert!(err("[storage]\nhot_tier_bytes = \"1GiB\"\n").contains("storage.hot_tier_bytes"));
     }
+
+    #[test]
+    fn cluster_settings_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cluster.secret");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        let cluster =
+            format!("[cluster]\nadvertise = \"http://10.0.0.1:5001\"\nlisten = \"0.0.0.0:5001\"\nsecret_file = \"{}\"\n", secret.display());
+        let good = format!("[storage.s3]\nbucket = \"b\"\n\n{cluster}");
+        let c = Config::parse(&good, "t").unwrap().cluster.unwrap();
+        assert_eq!((c.advertise.as_str(), c.secret.expose()), ("http://10.0.0.1:5001/", "0123456789abcdef0123"));
+        assert_eq!((c.heartbeat, c.member_timeout), (Duration::from_secs(1), Duration::from_secs(5)));
+        let err = |text: &str| Config::parse(text, "t").unwrap_err().to_string();
+        assert!(err(&cluster).contains("needs [storage.s3]"));
+        assert!(err(&good.replace("http://10.0.0.1:5001", "https://10.0.0.1:5001")).contains("cluster.advertise"));
+        assert!(err(&good.replace("0.0.0.0:5001", "nowhere")).contains("cluster.listen"));
+        assert!(err(&good.replace(&secret.display().to_string(), "/nonexistent/secret")).contains("cluster.secret_file"));
+        std::fs::write(&secret, "short\n").unwrap();
+        assert!(err(&good).contains("at least 16 characters"));
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        assert!(err(&format!("{good}heartbeat = \"3s\"\n")).contains("cluster.member_timeout"));
+    }
+
+    #[test]
+    fn upstream_outage_settings() {
+        let up = |extra: &str| format!("[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:1\"\n{extra}");
+        let c = Config::parse(&up(""), "t").unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!((u.stale_after, u.ratelimit_reserve, u.offline), (Duration::from_secs(2), 0.1, false));
+        for (v, want) in [("\"25%\"", 0.25), ("0.05", 0.05)] {
+            let c = Config::parse(&up(&format!("ratelimit_reserve = {v}\n")), "t").unwrap();
+            assert_eq!(c.upstreams[0].ratelimit_reserve, want);
+        }
+        for bad in ["\"lots\"", "\"150%\"", "-0.5"] {
+            let e = Config::parse(&up(&format!("ratelimit_reserve = {bad}\n")), "t").unwrap_err().to_string();
+            assert!(e.contains("upstream[0].ratelimit_reserve"), "{bad}: {e}");
+        }
+    }
 }

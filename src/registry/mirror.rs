@@ -22,7 +22,42 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type ManifestFetch = Shared<BoxFuture<'static, Result<(Digest, ManifestMeta, Bytes), OciError>>>;
+/// Work concurrent requests share, by key. The first caller's work runs in a task of its own: it
+/// completes and leaves the table even when every waiter has gone away, so the table never holds
+/// an old answer for a later request.
+struct Coalesced<T: Clone> {
+    running: Arc<Mutex<HashMap<String, Running<T>>>>,
+}
+
+/// A shared future and when it started.
+type Running<T> = (Joint<T>, Instant);
+
+type Joint<T> = Shared<BoxFuture<'static, T>>;
+
+impl<T: Clone + Send + Sync + 'static> Coalesced<T> {
+    fn new() -> Self {
+        Coalesced { running: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// The shared future for `key`, when it started, and whether this call joined one already
+    /// running (`work` is then dropped unstarted). `lost` answers if the task panics.
+    fn run(&self, key: String, work: BoxFuture<'static, T>, lost: impl FnOnce(String) -> T + Send + 'static) -> (Joint<T>, Instant, bool) {
+        let mut map = self.running.lock();
+        if let Some((f, started)) = map.get(&key) {
+            return (f.clone(), *started, true);
+        }
+        let (table, k) = (self.running.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let out = work.await;
+            table.lock().remove(&k);
+            out
+        });
+        let shared = async move { task.await.unwrap_or_else(|e| lost(e.to_string())) }.boxed().shared();
+        let started = Instant::now();
+        map.insert(key, (shared.clone(), started));
+        (shared, started, false)
+    }
+}
 
 pub struct Mirror {
     upstreams: Vec<Arc<Upstream>>,
@@ -32,13 +67,13 @@ pub struct Mirror {
     /// When each cached tag was last confirmed upstream ("<store repo>:<tag>").
     tag_checked: moka::sync::Cache<String, Instant>,
     /// Manifest fetches in flight, shared by concurrent requests.
-    manifest_fetches: Arc<Mutex<HashMap<String, ManifestFetch>>>,
+    manifest_fetches: Coalesced<Result<(Digest, ManifestMeta, Bytes), OciError>>,
     /// With `[cluster]`: cold blobs and tag checks go to their owner.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Tag checks in flight ("<store repo>:<tag>"), shared by concurrent requests.
-    revalidations: Arc<Mutex<HashMap<String, (Revalidation, Instant)>>>,
+    revalidations: Coalesced<Revalidated>,
     /// Questions to a reference's owner in flight, shared by concurrent requests.
-    owner_asks: Arc<Mutex<HashMap<String, OwnerAsk>>>,
+    owner_asks: Coalesced<Result<OwnerAnswer, String>>,
 }
 
 /// What a manifest's owner answered.
@@ -54,8 +89,6 @@ enum OwnerAnswer {
     /// The upstream does not have it (the owner asked).
     Unknown,
 }
-
-type OwnerAsk = Shared<BoxFuture<'static, Result<OwnerAnswer, String>>>;
 
 /// Asks `owner` for a manifest; the bytes are checked against their digest. `Err`: why the
 /// owner could not answer.
@@ -99,8 +132,6 @@ enum Revalidated {
     Failed(UpstreamError),
 }
 
-type Revalidation = Shared<BoxFuture<'static, Revalidated>>;
-
 /// Forgetting a check only costs a HEAD on the tag's next pull, so the table can be bounded.
 const MAX_TAGS_CHECKED: u64 = 100_000;
 
@@ -127,10 +158,10 @@ impl Mirror {
             store,
             fills: Arc::new(Fills::default()),
             tag_checked,
-            manifest_fetches: Arc::new(Mutex::new(HashMap::new())),
+            manifest_fetches: Coalesced::new(),
             cluster: std::sync::OnceLock::new(),
-            revalidations: Arc::new(Mutex::new(HashMap::new())),
-            owner_asks: Arc::new(Mutex::new(HashMap::new())),
+            revalidations: Coalesced::new(),
+            owner_asks: Coalesced::new(),
         })
     }
 
@@ -170,26 +201,17 @@ impl Mirror {
             None
         };
         // Concurrent requests for one reference share one question to the owner.
-        let ask_key = format!("{key}:{reference}");
-        let shared = {
-            let mut map = self.owner_asks.lock();
-            match map.get(&ask_key) {
-                Some(f) => f.clone(),
-                None => {
-                    let (table, k) = (self.owner_asks.clone(), ask_key.clone());
-                    let (c, owner, reference) = (c.clone(), owner.clone(), reference.clone());
-                    let task = tokio::spawn(async move {
-                        let out = owner_manifest(&c, &owner, &path, headers, &reference).await;
-                        FORWARDS.with_label_values(&["manifest", if out.is_ok() { "ok" } else { "fallback" }]).inc();
-                        table.lock().remove(&k);
-                        out
-                    });
-                    let f = async move { task.await.unwrap_or_else(|e| Err(format!("asking the owner failed: {e}"))) }.boxed().shared();
-                    map.insert(ask_key, f.clone());
-                    f
-                }
+        let (c, owner, reference2) = (c.clone(), owner.clone(), reference.clone());
+        let (shared, _, _) = self.owner_asks.run(
+            format!("{key}:{reference}"),
+            async move {
+                let out = owner_manifest(&c, &owner, &path, headers, &reference2).await;
+                FORWARDS.with_label_values(&["manifest", if out.is_ok() { "ok" } else { "fallback" }]).inc();
+                out
             }
-        };
+            .boxed(),
+            |e| Err(format!("asking the owner failed: {e}")),
+        );
         let (media_type, digest, cache, warning, bytes) = match shared.await {
             Ok(OwnerAnswer::Found { media_type, digest, cache, warning, bytes }) => (media_type, digest, cache, warning, bytes),
             Ok(OwnerAnswer::Unknown) => {
@@ -279,7 +301,6 @@ impl Mirror {
         outcome: &mut Outcome,
     ) -> Result<Response, OciError> {
         let count = |result: &'static str| metrics::CACHE_REQUESTS.with_label_values(&["manifest", result]).inc();
-        let _ = req;
         match reference {
             Reference::Digest(d) => {
                 if let Some(meta) = self.store.manifest_meta(key, d)? {
@@ -360,12 +381,7 @@ impl Mirror {
 
     /// The check of a cached tag against its upstream, shared by every request that asks while
     /// it runs.
-    fn revalidation(&self, upstream: &Upstream, repo: &RepoName, key: &str, tag: &str, cached: &Digest) -> (Revalidation, Instant) {
-        let tag_key = format!("{key}:{tag}");
-        let mut map = self.revalidations.lock();
-        if let Some(r) = map.get(&tag_key) {
-            return r.clone();
-        }
+    fn revalidation(&self, upstream: &Upstream, repo: &RepoName, key: &str, tag: &str, cached: &Digest) -> (Joint<Revalidated>, Instant) {
         let check = revalidate(
             self.client(upstream),
             self.store.clone(),
@@ -375,18 +391,9 @@ impl Mirror {
             tag.to_string(),
             cached.clone(),
         );
-        let (table, k) = (self.revalidations.clone(), tag_key.clone());
-        let task = tokio::spawn(async move {
-            let out = check.await;
-            table.lock().remove(&k);
-            out
+        let (shared, started, _) = self.revalidations.run(format!("{key}:{tag}"), check.boxed(), |e| {
+            Revalidated::Failed(UpstreamError::Unreachable(format!("tag check failed: {e}")))
         });
-        let shared =
-            async move { task.await.unwrap_or_else(|e| Revalidated::Failed(UpstreamError::Unreachable(format!("tag check failed: {e}")))) }
-                .boxed()
-                .shared();
-        let started = Instant::now();
-        map.insert(tag_key, (shared.clone(), started));
         (shared, started)
     }
 
@@ -414,32 +421,11 @@ impl Mirror {
         key: &str,
         reference: &Reference,
     ) -> Result<(Digest, ManifestMeta, Bytes, &'static str), OciError> {
-        let fkey = format!("{key}@{reference}");
-        let (fut, result) = {
-            let mut map = self.manifest_fetches.lock();
-            match map.get(&fkey) {
-                Some(f) => (f.clone(), "coalesced"),
-                None => {
-                    // A task of its own: the fetch completes and leaves the table even when
-                    // every client waiting for it has gone away, so the table never holds
-                    // an old answer for a later revalidation.
-                    let fetch = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone());
-                    let (table, k) = (self.manifest_fetches.clone(), fkey.clone());
-                    let task = tokio::spawn(async move {
-                        let out = fetch.await;
-                        table.lock().remove(&k);
-                        out
-                    });
-                    let f = async move {
-                        task.await.unwrap_or_else(|e| Err(OciError::msg(ErrorCode::Internal, format!("manifest fetch failed: {e}"))))
-                    }
-                    .boxed()
-                    .shared();
-                    map.insert(fkey.clone(), f.clone());
-                    (f, "miss")
-                }
-            }
-        };
+        let fetch = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone());
+        let (fut, _, joined) = self.manifest_fetches.run(format!("{key}@{reference}"), fetch.boxed(), |e| {
+            Err(OciError::msg(ErrorCode::Internal, format!("manifest fetch failed: {e}")))
+        });
+        let result = if joined { "coalesced" } else { "miss" };
         let out = fut.await;
         out.map(|(d, m, b)| (d, m, b, result))
     }
