@@ -486,3 +486,65 @@ fn two_nodes_on_one_bucket_see_each_others_writes_and_continue_each_others_uploa
     assert!(eventually(Duration::from_secs(10), || c.head(format!("{}/v2/team/app/blobs/{d}", b.url())).send().unwrap().status() == 200));
     assert_eq!(get_blob(&c, &b.url(), "team/app", &d), blob);
 }
+
+/// Two stores on one bucket, as two nodes are: a sweep on one forgets a blob while the other
+/// stores the same content again. The second must not count on the copy the sweep is about to
+/// delete: when its store is acknowledged, the content is in the bucket.
+#[test]
+fn content_stored_again_during_a_sweep_on_another_node_is_not_lost() {
+    if !backend_is_s3() {
+        return;
+    }
+    use berth::oci::Digest;
+    use berth::store::{Limits, Store};
+    let var = |k: &str| std::env::var(k).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = berth::store::s3::S3Settings {
+        bucket: var("BERTH_TEST_S3_BUCKET"),
+        endpoint: Some(var("BERTH_TEST_S3_ENDPOINT")),
+        region: var("BERTH_TEST_S3_REGION"),
+        prefix: format!("t/sweep-{}/", std::process::id()),
+        access_key_id: Some(var("BERTH_TEST_S3_ACCESS_KEY")),
+        secret_access_key: Some(var("BERTH_TEST_S3_SECRET_KEY")),
+        snapshot_every: 1000,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = Store::open_s3(&tmp.path().join("a"), &settings, 1 << 30, Limits::default()).unwrap();
+    let b = Store::open_s3(&tmp.path().join("b"), &settings, 1 << 30, Limits::default()).unwrap();
+    let data = bytes::Bytes::from(vec![7u8; 300_000]);
+    let d = Digest::sha256_of(&data);
+    let store = |s: Arc<Store>, data: bytes::Bytes, d: Digest| async move {
+        let mut w = s.writer(&d).await?;
+        w.write(data).await?;
+        s.commit(w, &d, None).await
+    };
+    rt.block_on(store(a.clone(), data.clone(), d.clone())).unwrap();
+    b.journal().unwrap().catch_up_to(a.journal().unwrap().applied().unwrap()).unwrap();
+    assert!(b.meta().blob(&d).unwrap().is_some(), "the second node knows the blob");
+
+    // The sweep's first half on the first node: the blob is forgotten, its content not yet
+    // deleted.
+    assert_eq!(a.meta().forget_blobs_if_unused(std::slice::from_ref(&d), u64::MAX).unwrap().len(), 1);
+    let forgot = a.journal().unwrap().applied().unwrap();
+    // The second node stores the same content meanwhile, and learns of the sweep doing so.
+    let pushing = rt.spawn(store(b.clone(), data.clone(), d.clone()));
+    assert!(eventually(Duration::from_secs(30), || b.journal().unwrap().applied().unwrap() >= forgot));
+    // It waits for the sweep: were it acknowledged now, the delete below would take its content.
+    let acknowledged_during_the_sweep = eventually(Duration::from_secs(5), || pushing.is_finished());
+    // The sweep's second half.
+    a.blobs().delete(&d).unwrap();
+    a.meta().swept(std::slice::from_ref(&d)).unwrap();
+
+    let stored = rt.block_on(pushing).unwrap();
+    assert!(!acknowledged_during_the_sweep, "the push was acknowledged while a sweep was deleting its content: {stored:?}");
+    match stored {
+        Ok(n) => {
+            assert_eq!(n, data.len() as u64);
+            assert!(b.meta().blob(&d).unwrap().is_some());
+            assert_eq!(b.blobs().stat_stored(&d).unwrap(), Some(data.len() as u64), "acknowledged but not in the bucket");
+        }
+        // Refused, with nothing recorded, is also correct: the client pushes again.
+        Err(berth::store::StoreError::Sweeping(_)) => assert!(b.meta().blob(&d).unwrap().is_none()),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -170,6 +170,18 @@ fn pages_read_the_index_only() {
     assert!(home.contains(">team&#x2f;app<") && home.contains(">docker.io&#x2f;library&#x2f;alpine<"), "{home}");
     // The cache at a glance names each upstream's state and the fills running.
     assert!(home.contains("fills in flight") && home.contains("class=\"upstream-state\">up<"), "{home}");
+    // Each repository with its size, last push and last pull: alpine was pulled, team/app not.
+    let row = |page: &str, name: &str| page.split("<tr>").find(|r| r.contains(&format!(">{name}<"))).unwrap_or_default().to_string();
+    let (alpine, app) = (row(&home, "docker.io&#x2f;library&#x2f;alpine"), row(&home, "team&#x2f;app"));
+    assert!(!alpine.contains("class=\"pulled\">—<") && alpine.contains("class=\"pulled\">20"), "{alpine}");
+    assert!(app.contains("class=\"pulled\">—<") && app.contains("class=\"pushed\">20"), "{app}");
+    assert!(!app.contains("class=\"num size\">0 B<"), "{app}");
+    let (_, _, app_page) = html(c.get(format!("{}/ui/r/team/app", b.url())).send().unwrap());
+    assert!(app_page.contains("class=\"created\">2026-11-30 10:00:00Z<"), "the config's date: {app_page}");
+    assert!(app_page.contains("class=\"pulled\">—<"), "{app_page}");
+    assert_eq!(c.get(format!("{}/v2/team/app/manifests/v1", b.url())).send().unwrap().status(), 200);
+    let (_, _, app_page) = html(c.get(format!("{}/ui/r/team/app", b.url())).send().unwrap());
+    assert!(!app_page.contains("class=\"pulled\">—<") && app_page.contains("class=\"pulled\">20"), "a pull is shown: {app_page}");
 
     let (status, _, repo) = html(c.get(format!("{}/ui/r/docker.io/library/alpine", b.url())).send().unwrap());
     assert_eq!(status, 200, "{repo}");
@@ -406,7 +418,9 @@ fn browser_clicks_through_repositories_without_auth() {
     br.click_on("a.repo", "team/app");
     br.wait_heading("team/app");
     let row = br.wait_for("#tags tr", "v1");
-    assert!(br.text_of(&row).contains("linux/amd64, linux/arm64"), "{}", br.text_of(&row));
+    // Each platform with its own size.
+    let text = br.text_of(&row);
+    assert!(text.contains("linux/amd64 (") && text.contains("), linux/arm64 (") && text.contains(" B)"), "{text}");
     br.wait_for("#tags tr", "v2");
     br.wait_for(".pull pre", "docker pull");
     br.screenshot("repository");

@@ -6,6 +6,7 @@ mod access;
 mod hosted;
 mod listing;
 pub mod mirror;
+pub mod pulls;
 mod response;
 mod serve;
 mod store_error;
@@ -15,7 +16,7 @@ pub use response::{Body, Response};
 
 use crate::config::{Config, Upstream};
 use crate::oci::route::{self, Endpoint};
-use crate::oci::{ErrorCode, OciError, RepoName};
+use crate::oci::{ErrorCode, OciError, Reference, RepoName};
 use crate::store::Store;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -69,6 +70,16 @@ pub enum Target {
     Mirror { upstream: Arc<Upstream>, repo: RepoName },
 }
 
+impl Target {
+    /// The repository's name in the store (a mirrored one under its upstream's name).
+    pub fn stored_name(&self) -> String {
+        match self {
+            Target::Hosted(r) => r.to_string(),
+            Target::Mirror { upstream, repo } => format!("{}/{}", upstream.name, repo),
+        }
+    }
+}
+
 pub struct Registry {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
@@ -79,6 +90,8 @@ pub struct Registry {
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// The web UI's logged-in browsers.
     pub ui: crate::ui::Sessions,
+    /// Last pulls, for the web UI.
+    pub pulls: pulls::Pulls,
 }
 
 /// What the access log and metrics need to know about a handled request.
@@ -107,7 +120,15 @@ impl Registry {
             Some(a) => Some(Arc::new(crate::auth::Auth::new(a, &**store.blobs())?)),
             None => None,
         };
-        Ok(Arc::new(Registry { store, config, mirror, auth, cluster: std::sync::OnceLock::new(), ui: Default::default() }))
+        Ok(Arc::new(Registry {
+            store,
+            config,
+            mirror,
+            auth,
+            cluster: std::sync::OnceLock::new(),
+            ui: Default::default(),
+            pulls: Default::default(),
+        }))
     }
 
     /// Joins the registry (and its mirror) to a cluster; once, at start.
@@ -266,10 +287,36 @@ impl Registry {
                 req = &unmounted;
             }
         }
+        let pulled = match (&ep, m) {
+            (Endpoint::Manifest { reference, .. }, &Method::GET) => Some(match reference {
+                Reference::Tag(t) => Some(t.to_string()),
+                Reference::Digest(_) => None,
+            }),
+            _ => None,
+        };
+        let stored = target.stored_name();
+        let r = self.dispatch_to(req, &ep, target, body, outcome).await;
+        if let (Some(tag), Ok(resp)) = (pulled, &r) {
+            if resp.status == 200 {
+                self.pulls.record(&stored, tag.as_deref(), crate::store::now_ms());
+            }
+        }
+        r
+    }
+
+    async fn dispatch_to(
+        &self,
+        req: &Request<'_>,
+        ep: &Endpoint,
+        target: Target,
+        body: &mut dyn RequestBody,
+        outcome: &mut Outcome,
+    ) -> Result<Response, OciError> {
+        let m = req.method;
         match target {
             Target::Hosted(repo) => {
                 outcome.repository = Some(repo.to_string());
-                hosted::handle(self, req, &ep, &repo, body).await
+                hosted::handle(self, req, ep, &repo, body).await
             }
             Target::Mirror { upstream, repo } => {
                 outcome.repository = Some(format!("{}/{}", upstream.name, repo));
@@ -280,7 +327,7 @@ impl Registry {
                         format!("{}/{} is a read-only mirror of {}; push to a hosted namespace", upstream.name, repo, upstream.url),
                     ));
                 }
-                self.mirror.handle(req, &ep, &upstream, &repo, outcome).await
+                self.mirror.handle(req, ep, &upstream, &repo, outcome).await
             }
         }
     }

@@ -8,7 +8,7 @@ impl From<StoreError> for OciError {
         let msg = e.to_string();
         match e {
             StoreError::Full => OciError::msg(ErrorCode::InsufficientStorage, msg),
-            StoreError::Unavailable(_) => OciError::msg(ErrorCode::StorageUnavailable, msg),
+            StoreError::Unavailable(_) | StoreError::Sweeping(_) => OciError::msg(ErrorCode::StorageUnavailable, msg),
             StoreError::Io(_) | StoreError::Meta(_) => OciError::msg(ErrorCode::Internal, format!("storage error: {msg}")),
             StoreError::DigestMismatch { expected, actual } => OciError::msg(ErrorCode::DigestInvalid, msg)
                 .detail(serde_json::json!({"expected": expected.to_string(), "actual": actual.to_string()})),

@@ -211,7 +211,9 @@ impl Store {
             self.reads.changed(super::Changed::Everything);
             res?;
             self.manifest_bytes.invalidate(&d);
-            self.blobs.delete(&d)?;
+            let deleted = self.blobs.delete(&d);
+            self.meta.swept(std::slice::from_ref(&d))?;
+            deleted?;
             freed += size;
             tracing::debug!(digest = %d, size, "evicted from the mirror cache");
         }

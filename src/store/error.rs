@@ -26,6 +26,10 @@ pub enum StoreError {
     Conflict { repo: String, tag: String },
     #[error("blob {0} is not in the store")]
     BlobMissing(Digest),
+    /// A collection on another node is deleting this content right now; retrying after it
+    /// stores it again.
+    #[error("blob {0} is being collected: retry")]
+    Sweeping(Digest),
     /// A manifest names content that is not (or no longer) in its repository.
     #[error("{what} {digest} is not in {repo}")]
     NotInRepo { repo: String, what: &'static str, digest: Digest },

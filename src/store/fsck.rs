@@ -156,7 +156,9 @@ impl Store {
                 self.reads.changed(super::Changed::Everything);
                 let held = held?;
                 self.manifest_bytes.invalidate(d);
-                self.blobs.delete(d)?;
+                let deleted = self.blobs.delete(d);
+                self.meta.swept(std::slice::from_ref(d))?;
+                deleted?;
                 rep.repaired += 1 + held.len();
             }
         }

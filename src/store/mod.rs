@@ -26,6 +26,19 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use traits::{BlobTemp, ManifestPut};
 
+/// How long a sweep (GC, eviction) may go on deleting the content it forgot. Writers on other
+/// nodes wait for its end before storing that content again, at most this long; the sweep
+/// stops deleting at half of it, so clocks a little apart still keep the two apart.
+pub const SWEEP_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// See [`Store::repository_summary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoSummary {
+    pub bytes: u64,
+    /// The newest tag write; None without tags.
+    pub updated_ms: Option<u64>,
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -381,18 +394,40 @@ impl Store {
     /// grace period) and records it, under the digest's stripe lock. Blocking.
     fn publish(&self, d: &Digest, size: u64, link: Option<(&str, Option<u64>)>, put: impl FnOnce(&Digest) -> Result<()>) -> Result<()> {
         let _g = self.stripe(d).lock();
-        let present = self.meta.blob(d)?.is_some() && self.blobs.stat(d)?.is_some();
-        if !present {
-            put(d)?;
-        }
-        if let Err(e) = self.meta.record_blob(d, size, now_ms(), link) {
-            if !present && self.meta.blob(d)?.is_none() {
-                // Refused (quota): take back the file nothing records.
-                let _ = self.blobs.delete(d);
+        // Reusing recorded content is decided again where the reuse is recorded: a sweep on
+        // another node may forget it in between, and then the content is stored anew.
+        for _ in 0..3 {
+            self.meta.await_sweeps(d)?;
+            if self.meta.blob(d)?.is_none() || self.blobs.stat(d)?.is_none() {
+                break;
             }
-            return Err(e);
+            match self.meta.reuse_blob(d, size, now_ms(), link) {
+                Ok(true) => return Ok(()),
+                Ok(false) | Err(StoreError::Sweeping(_)) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        put(d)?;
+        match self.meta.record_blob(d, size, now_ms(), link) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Sweeping(_)) => {
+                // A sweep elsewhere forgot this content while it was being stored again: its
+                // delete may have come before the store or after. Once the sweep is done the
+                // bucket says which.
+                self.meta.await_sweeps(d)?;
+                if self.blobs.stat_stored(d)?.is_none() {
+                    return Err(StoreError::Sweeping(d.clone()));
+                }
+                self.meta.record_blob(d, size, now_ms(), link)
+            }
+            Err(e) => {
+                if self.meta.blob(d)?.is_none() {
+                    // Refused (quota): take back the file nothing records.
+                    let _ = self.blobs.delete(d);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Stores small content (a manifest's bytes) as a blob, optionally linking it.
@@ -600,6 +635,19 @@ impl Store {
     /// One page of a repository's tags; None when the repository is unknown.
     pub fn tags(&self, repo: &str, after: Option<&str>, n: usize) -> Result<Option<(Vec<String>, bool)>> {
         self.meta.tags(repo, after, n)
+    }
+
+    /// What a repository holds, for people (the web UI): the bytes of the blobs it links and
+    /// of its manifests (content shared with other repositories counts in each), and when a
+    /// tag of it was last written. Reads every link and tag of the repository.
+    pub fn repository_summary(&self, repo: &str) -> Result<RepoSummary> {
+        let mut bytes = 0;
+        for (d, _) in self.meta.links(repo)? {
+            bytes += self.meta.blob(&d)?.map_or(0, |b| b.size);
+        }
+        bytes += self.meta.manifests(repo)?.iter().map(|(_, m)| m.size).sum::<u64>();
+        let updated_ms = self.meta.tags_with_times(repo)?.iter().map(|(_, t)| t.updated_ms).max();
+        Ok(RepoSummary { bytes, updated_ms })
     }
 
     /// One page of repository names.

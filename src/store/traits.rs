@@ -163,6 +163,10 @@ pub trait UploadWriter: Send {
 pub trait BlobStore: Send + Sync {
     /// Size of a committed blob. Cheap.
     fn stat(&self, d: &Digest) -> Result<Option<u64>>;
+    /// Whether the durable copy exists, whatever this node keeps nearer.
+    fn stat_stored(&self, d: &Digest) -> Result<Option<u64>> {
+        self.stat(d)
+    }
     /// A committed blob of `size` bytes, or the `(first, last)` bytes of it. A `File` body is
     /// the whole file (the caller seeks); a `Stream` carries only the range asked for.
     fn open(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> Result<Option<BlobBody>>;
@@ -236,6 +240,26 @@ pub trait MetaStore: Send + Sync {
     /// Forgets a blob whatever holds it, with every link and manifest naming it (eviction,
     /// fsck repair). Returns the repositories that held it.
     fn purge_blob(&self, d: &Digest) -> Result<Vec<String>>;
+    /// Records another use of a blob that is already recorded (a push of content the store
+    /// has): false, writing nothing, when it is not recorded (any more), so the caller stores
+    /// the content first.
+    fn reuse_blob(&self, d: &Digest, size: u64, now_ms: u64, link: Option<(&str, Option<u64>)>) -> Result<bool> {
+        if self.blob(d)?.is_none() {
+            return Ok(false);
+        }
+        self.record_blob(d, size, now_ms, link)?;
+        Ok(true)
+    }
+    /// Waits until no sweep that forgot `d` is still deleting its content (where writers on
+    /// other nodes can sweep; one process orders this with its stripe locks).
+    fn await_sweeps(&self, _d: &Digest) -> Result<()> {
+        Ok(())
+    }
+    /// Tells that the content of blobs forgotten or purged is deleted: recording them again
+    /// is safe from here on.
+    fn swept(&self, _ds: &[Digest]) -> Result<()> {
+        Ok(())
+    }
     /// Every recorded blob (a consistent snapshot).
     fn blobs(&self, visit: &mut dyn FnMut(Digest, BlobRec)) -> Result<()>;
 

@@ -170,7 +170,14 @@ fn home(reg: &Registry, req: &Request<'_>, viewer: &Viewer) -> Result<Response, 
             Some((t, false)) => t.len().to_string(),
             None => "0".into(),
         };
-        groups.entry(group_of(reg, target)).or_default().push(json!({"name": name, "tags": count}));
+        let sum = reg.store.repository_summary(name)?;
+        groups.entry(group_of(reg, target)).or_default().push(json!({
+            "name": name,
+            "tags": count,
+            "size": human(sum.bytes),
+            "pushed": sum.updated_ms.map(date),
+            "pulled": reg.pulls.repository(name).map(date),
+        }));
     }
     let groups: Vec<Value> = groups
         .into_iter()
@@ -274,25 +281,76 @@ async fn manifest_json(reg: &Registry, d: &Digest) -> Result<Option<(bytes::Byte
     Ok(Some((bytes, v)))
 }
 
-/// What the tag list says about a manifest: platforms and size.
-async fn summary(reg: &Registry, d: &Digest) -> Result<(Vec<String>, Option<u64>), UiError> {
-    let Some((_, v)) = manifest_json(reg, d).await? else { return Ok((Vec::new(), None)) };
-    if let Some(children) = v.get("manifests").and_then(Value::as_array) {
-        // Attestation entries of buildx carry unknown/unknown: not a platform to pull.
-        let platforms = children.iter().filter_map(|c| c.get("platform").and_then(platform_of)).filter(|p| !p.starts_with("unknown/"));
-        return Ok((platforms.collect(), None));
+/// What the tag list says about a manifest.
+#[derive(Default)]
+struct Summary {
+    /// Each platform with the size of its image (config and layers), where it is stored.
+    platforms: Vec<(String, Option<u64>)>,
+    /// An image's size (not an index's: its platforms' sizes say more).
+    size: Option<u64>,
+    /// When the image was built, as its config says (for an index, its first platform's).
+    created: Option<String>,
+}
+
+impl Summary {
+    fn platforms_text(&self) -> Vec<String> {
+        self.platforms.iter().map(|(p, size)| size.map_or_else(|| p.clone(), |n| format!("{p} ({})", human(n)))).collect()
     }
+}
+
+/// An image manifest's platform, size and creation date, from its JSON and its config.
+async fn image_summary(reg: &Registry, v: &Value) -> (Option<String>, u64, Option<String>) {
     let size = |x: &Value| x.get("size").and_then(Value::as_u64).unwrap_or(0);
     let layers = v.get("layers").and_then(Value::as_array).map_or(0, |l| l.iter().map(size).sum::<u64>());
     let config = v.get("config");
     let total = layers + config.map_or(0, size);
-    let mut platforms = Vec::new();
-    if let Some(cfg) = config.and_then(|c| c.get("digest")).and_then(Value::as_str) {
-        if let Some(p) = small_json_blob(reg, cfg).await.as_ref().and_then(platform_of) {
-            platforms.push(p);
+    let cfg = match config.and_then(|c| c.get("digest")).and_then(Value::as_str) {
+        Some(d) => small_json_blob(reg, d).await,
+        None => None,
+    };
+    let created = cfg.as_ref().and_then(|c| c.get("created")).and_then(Value::as_str).map(created_date);
+    (cfg.as_ref().and_then(platform_of), total, created)
+}
+
+/// A config's RFC 3339 `created`, to the second, shown like the other dates (a UTC one is the
+/// common case); as written when it is not RFC 3339.
+fn created_date(s: &str) -> String {
+    match s.get(..19) {
+        Some(p) if p.as_bytes().get(10) == Some(&b'T') => {
+            format!("{}{}", p.replace('T', " "), if s.ends_with('Z') { "Z" } else { "" })
         }
+        _ => s.to_string(),
     }
-    Ok((platforms, Some(total)))
+}
+
+async fn summary(reg: &Registry, d: &Digest) -> Result<Summary, UiError> {
+    let Some((_, v)) = manifest_json(reg, d).await? else { return Ok(Summary::default()) };
+    let Some(children) = v.get("manifests").and_then(Value::as_array) else {
+        let (platform, size, created) = image_summary(reg, &v).await;
+        return Ok(Summary { platforms: platform.map(|p| (p, Some(size))).into_iter().collect(), size: Some(size), created });
+    };
+    let mut out = Summary::default();
+    for c in children {
+        // Attestation entries of buildx carry unknown/unknown: not a platform to pull.
+        let Some(p) = c.get("platform").and_then(platform_of).filter(|p| !p.starts_with("unknown/")) else { continue };
+        let child = match c.get("digest").and_then(Value::as_str).and_then(|d| Digest::parse(d).ok()) {
+            Some(cd) => manifest_json(reg, &cd).await?,
+            None => None,
+        };
+        // A sparse index or a mirror that has not fetched this platform: no size to tell.
+        let (size, created) = match &child {
+            Some((_, cv)) => {
+                let (_, size, created) = image_summary(reg, cv).await;
+                (Some(size), created)
+            }
+            None => (None, None),
+        };
+        if out.created.is_none() {
+            out.created = created;
+        }
+        out.platforms.push((p, size));
+    }
+    Ok(out)
 }
 
 /// The host clients reach berth at, from the request (a hostile Host header yields the
@@ -334,15 +392,17 @@ async fn repository(reg: &Registry, req: &Request<'_>, viewer: &Viewer, name: &s
     for t in &tags {
         let Some(rec) = reg.store.meta().tag(name, t)? else { continue };
         let meta = reg.store.manifest_meta(name, &rec.digest)?;
-        let (platforms, size) = summary(reg, &rec.digest).await?;
+        let sum = summary(reg, &rec.digest).await?;
         rows.push(json!({
             "tag": t,
             "digest": rec.digest.to_string(),
             "short": short(&rec.digest.to_string()),
             "media_type": meta.as_ref().map(|m| m.media_type.clone()),
-            "platforms": platforms,
-            "size": size.map(human),
+            "platforms": sum.platforms_text(),
+            "size": sum.size.map(human),
+            "created": sum.created,
             "pushed": date(rec.updated_ms),
+            "pulled": reg.pulls.tag(name, t).map(date),
             "checked": checked(reg, target, name, t),
         }));
     }

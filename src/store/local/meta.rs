@@ -138,6 +138,12 @@ impl RedbMeta {
         Ok(())
     }
 
+    /// Sets a `meta` entry in a transaction the commit hook sees (a journaled write with no
+    /// other effect on the index).
+    pub fn set_meta_hooked(&self, key: &str, value: &str) -> Result<()> {
+        self.batch(|b| Self::set_meta_in(b.tx, key, value))
+    }
+
     /// A batch of writes in one transaction (migration, bulk generation).
     pub fn batch<T>(&self, f: impl FnOnce(&mut Batch<'_>) -> Result<T>) -> Result<T> {
         let tx = self.db.begin_write()?;

@@ -602,6 +602,10 @@ impl BlobStore for S3Blobs {
         self.b.head(&blob_key(d))
     }
 
+    fn stat_stored(&self, d: &Digest) -> Result<Option<u64>> {
+        self.b.head(&blob_key(d))
+    }
+
     fn open(&self, d: &Digest, size: u64, range: Option<(u64, u64)>) -> Result<Option<BlobBody>> {
         if let Some(file) = self.hot.get(d, size) {
             crate::metrics::HOT_TIER.with_label_values(&["hit"]).inc();

@@ -27,18 +27,72 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Op {
-    RecordBlob { d: String, size: u64, now: u64, link: Option<String> },
-    ForgetBlobs { ds: Vec<String> },
-    PurgeBlob { d: String },
-    Link { repo: String, d: String, now: u64 },
-    Unlink { repo: String, d: String },
-    UnlinkIfStale { repo: String, d: String, cutoff: u64 },
-    PutManifest { repo: String, d: String, meta: ManifestMeta, tags: Vec<String>, blobs: Vec<String>, children: Vec<String>, now: u64 },
-    DeleteManifest { repo: String, d: String },
-    SetTag { repo: String, tag: String, d: String, now: u64 },
-    DeleteTag { repo: String, tag: String },
-    PutUpload { id: String, rec: UploadRec },
-    RemoveUpload { id: String },
+    RecordBlob {
+        d: String,
+        size: u64,
+        now: u64,
+        link: Option<String>,
+    },
+    /// `until`: when the sweep that wrote it stops deleting (0 in entries from before sweeps
+    /// were announced).
+    ForgetBlobs {
+        ds: Vec<String>,
+        #[serde(default)]
+        until: u64,
+    },
+    PurgeBlob {
+        d: String,
+        #[serde(default)]
+        until: u64,
+    },
+    /// The sweep's deletions of these blobs are done.
+    SweepDone {
+        ds: Vec<String>,
+    },
+    Link {
+        repo: String,
+        d: String,
+        now: u64,
+    },
+    Unlink {
+        repo: String,
+        d: String,
+    },
+    UnlinkIfStale {
+        repo: String,
+        d: String,
+        cutoff: u64,
+    },
+    PutManifest {
+        repo: String,
+        d: String,
+        meta: ManifestMeta,
+        tags: Vec<String>,
+        blobs: Vec<String>,
+        children: Vec<String>,
+        now: u64,
+    },
+    DeleteManifest {
+        repo: String,
+        d: String,
+    },
+    SetTag {
+        repo: String,
+        tag: String,
+        d: String,
+        now: u64,
+    },
+    DeleteTag {
+        repo: String,
+        tag: String,
+    },
+    PutUpload {
+        id: String,
+        rec: UploadRec,
+    },
+    RemoveUpload {
+        id: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +118,8 @@ thread_local! {
 }
 
 const SEQ: &str = "journal.seq";
+/// Written by `SweepDone` entries, which change nothing else in the index.
+const SWEPT: &str = "journal.swept";
 /// The sequence number of the last snapshot this node wrote or loaded.
 const SNAPSHOT: &str = "journal.snapshot";
 const SOURCE: &str = "journal.source";
@@ -102,6 +158,12 @@ pub struct JournalMeta {
     /// Told the sequence number of each write readers elsewhere must see (the cluster tells
     /// its peers before the client is answered).
     on_write: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// Blobs a sweep (GC or eviction, on any node) forgot and may still be deleting from the
+    /// bucket, until when. A node's stripe locks cannot order its publishers against another
+    /// node's deletes: the journal does. Recording one of these again is refused until the
+    /// sweep says it is done (or its time is up), so a push never counts on content that is
+    /// about to go. Kept in memory: a sweep lasts seconds.
+    sweeping: Mutex<std::collections::HashMap<Digest, u64>>,
 }
 
 impl JournalMeta {
@@ -132,6 +194,7 @@ impl JournalMeta {
             me: std::sync::OnceLock::new(),
             on_replay: std::sync::OnceLock::new(),
             on_write: std::sync::OnceLock::new(),
+            sweeping: Mutex::new(std::collections::HashMap::new()),
         });
         let _ = j.me.set(Arc::downgrade(&j));
         let t = std::time::Instant::now();
@@ -357,6 +420,30 @@ impl JournalMeta {
         r.into_iter().map(|x| x.map_err(|e| self.b.unavailable("reading the metadata journal", e))).collect()
     }
 
+    fn mark(&self, ds: impl Iterator<Item = Digest>, until: u64) {
+        if until == 0 {
+            return;
+        }
+        let now = crate::store::now_ms();
+        let mut s = self.sweeping.lock();
+        s.retain(|_, u| *u > now);
+        s.extend(ds.map(|d| (d, until)));
+    }
+
+    fn unmark(&self, ds: &[Digest]) {
+        let mut s = self.sweeping.lock();
+        for d in ds {
+            s.remove(d);
+        }
+    }
+
+    fn refuse_if_sweeping(&self, d: &Digest) -> Result<()> {
+        match self.sweeping.lock().get(d) {
+            Some(&until) if until > crate::store::now_ms() => Err(StoreError::Sweeping(d.clone())),
+            _ => Ok(()),
+        }
+    }
+
     fn replay(&self, seq: u64, op: &Op) -> Result<()> {
         PENDING.with(|p| *p.borrow_mut() = Some(Pending::Replay { seq }));
         let r = self.apply(op);
@@ -375,11 +462,24 @@ impl JournalMeta {
         let m = &*self.inner;
         match op {
             Op::RecordBlob { d, size, now, link } => m.record_blob(&digest(d)?, *size, *now, link.as_deref().map(|r| (r, None))),
-            Op::ForgetBlobs { ds } => {
+            Op::ForgetBlobs { ds, until } => {
                 let ds: Vec<Digest> = ds.iter().map(|d| digest(d)).collect::<Result<_>>()?;
-                m.forget_blobs_if_unused(&ds, u64::MAX).map(drop)
+                let gone = m.forget_blobs_if_unused(&ds, u64::MAX)?;
+                self.mark(gone.into_iter().map(|(d, _)| d), *until);
+                Ok(())
             }
-            Op::PurgeBlob { d } => m.purge_blob(&digest(d)?).map(drop),
+            Op::PurgeBlob { d, until } => {
+                let d = digest(d)?;
+                m.purge_blob(&d)?;
+                self.mark(std::iter::once(d), *until);
+                Ok(())
+            }
+            Op::SweepDone { ds } => {
+                let ds: Vec<Digest> = ds.iter().map(|d| digest(d)).collect::<Result<_>>()?;
+                m.set_meta_hooked(SWEPT, &ds.len().to_string())?;
+                self.unmark(&ds);
+                Ok(())
+            }
             Op::Link { repo, d, now } => m.link(repo, &digest(d)?, *now, None),
             Op::Unlink { repo, d } => m.unlink(repo, &digest(d)?).map(drop),
             Op::UnlinkIfStale { repo, d, cutoff } => m.unlink_if_stale(repo, &digest(d)?, *cutoff).map(drop),
@@ -420,12 +520,13 @@ impl JournalMeta {
             PENDING.with(|p| *p.borrow_mut() = Some(Pending::Write { seq, id: id.clone(), body: body.clone() }));
             BEHIND.with(|b| *b.borrow_mut() = false);
             let r = f(&self.inner);
-            PENDING.with(|p| p.borrow_mut().take());
+            // The commit hook takes the pending entry: still here, nothing was journaled.
+            let journaled = PENDING.with(|p| p.borrow_mut().take()).is_none();
             if BEHIND.with(|b| std::mem::take(&mut *b.borrow_mut())) {
                 self.catch_up()?;
                 continue;
             }
-            if r.is_ok() {
+            if r.is_ok() && journaled {
                 self.maybe_snapshot();
                 drop(g);
                 if let (true, Some(f)) = (tell, self.on_write.get()) {
@@ -459,6 +560,11 @@ fn hook(b: &Bucket, tx: &redb::WriteTransaction) -> Result<()> {
     }
 }
 
+/// When a sweep starting now stops deleting: `SWEEP_WINDOW` from now.
+fn sweep_deadline() -> u64 {
+    crate::store::now_ms() + crate::store::SWEEP_WINDOW.as_millis() as u64
+}
+
 fn ds(v: &[Digest]) -> Vec<String> {
     v.iter().map(|d| d.to_string()).collect()
 }
@@ -470,7 +576,10 @@ impl MetaStore for JournalMeta {
 
     fn record_blob(&self, d: &Digest, size: u64, now_ms: u64, link: Option<(&str, Option<u64>)>) -> Result<()> {
         let op = Op::RecordBlob { d: d.to_string(), size, now: now_ms, link: link.map(|(r, _)| r.to_string()) };
-        self.write(op, |m| m.record_blob(d, size, now_ms, link))
+        self.write(op, |m| {
+            self.refuse_if_sweeping(d)?;
+            m.record_blob(d, size, now_ms, link)
+        })
     }
 
     fn touch_blob(&self, d: &Digest, now_ms: u64) -> Result<bool> {
@@ -492,11 +601,48 @@ impl MetaStore for JournalMeta {
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(Op::ForgetBlobs { ds: ds(&chosen) }, |m| m.forget_blobs_if_unused(&chosen, u64::MAX))
+        let until = sweep_deadline();
+        let gone = self.write(Op::ForgetBlobs { ds: ds(&chosen), until }, |m| m.forget_blobs_if_unused(&chosen, u64::MAX))?;
+        self.mark(gone.iter().map(|(d, _)| d.clone()), until);
+        Ok(gone)
     }
 
     fn purge_blob(&self, d: &Digest) -> Result<Vec<String>> {
-        self.write(Op::PurgeBlob { d: d.to_string() }, |m| m.purge_blob(d))
+        let until = sweep_deadline();
+        let held = self.write(Op::PurgeBlob { d: d.to_string(), until }, |m| m.purge_blob(d))?;
+        self.mark(std::iter::once(d.clone()), until);
+        Ok(held)
+    }
+
+    fn reuse_blob(&self, d: &Digest, size: u64, now_ms: u64, link: Option<(&str, Option<u64>)>) -> Result<bool> {
+        let op = Op::RecordBlob { d: d.to_string(), size, now: now_ms, link: link.map(|(r, _)| r.to_string()) };
+        self.write(op, |m| {
+            self.refuse_if_sweeping(d)?;
+            if m.blob(d)?.is_none() {
+                return Ok(false);
+            }
+            m.record_blob(d, size, now_ms, link)?;
+            Ok(true)
+        })
+    }
+
+    fn await_sweeps(&self, d: &Digest) -> Result<()> {
+        // Bounded: every mark expires at its sweep's deadline.
+        while self.sweeping.lock().get(d).is_some_and(|&until| until > crate::store::now_ms()) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let _g = self.writer.lock();
+            self.catch_up()?;
+        }
+        Ok(())
+    }
+
+    fn swept(&self, done: &[Digest]) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.write(Op::SweepDone { ds: ds(done) }, |m| m.set_meta_hooked(SWEPT, &done.len().to_string()))?;
+        self.unmark(done);
+        Ok(())
     }
 
     fn blobs(&self, visit: &mut dyn FnMut(Digest, BlobRec)) -> Result<()> {
