@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod oci;
 pub mod ops;
 pub mod registry;
+pub mod replicate;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -35,6 +35,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Copy every tag the [[replication]] rules match to their targets (the initial sync);
+    /// exit non-zero if any tag failed.
+    Replicate {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+        /// Only this rule (counting the [[replication]] tables from 0).
+        #[arg(long)]
+        rule: Option<usize>,
+    },
     /// Verify every blob, link, manifest and tag; exit non-zero on any inconsistency.
     Fsck {
         #[arg(long, env = "BERTH_CONFIG")]
@@ -66,6 +75,20 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("berth: {e}");
                 ExitCode::FAILURE
+            }
+        },
+        Command::Replicate { config, rule } => match load(Some(&config)).and_then(|c| berth::ops::replicate(c, rule)) {
+            Ok((ok, report)) => {
+                println!("{report}");
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("berth: {e}");
+                ExitCode::from(2)
             }
         },
         Command::Fsck { config, repair, resume } => match load(Some(&config)).and_then(|c| berth::ops::fsck(c, repair, resume)) {

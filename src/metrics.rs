@@ -21,6 +21,14 @@ pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+pub static REPLICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_replication_total",
+        "Replication steps (copy, delete) by rule and result (ok, retry, given_up)",
+        &["rule", "step", "result"]
+    )
+    .unwrap()
+});
 pub static CACHE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_cache_requests_total", "Mirror lookups by kind and result", &["kind", "result"]).unwrap()
 });

@@ -64,3 +64,39 @@ pub fn fsck(config: Config, repair: bool, resume: bool) -> Result<(bool, String)
     out.push_str(&format!("{} blobs verified, {} problems, {} repaired\n", r.blobs_checked, r.problems.len(), r.repaired));
     Ok((r.problems.is_empty(), out))
 }
+
+/// Copies every tag the `[[replication]]` rules match (rule `rule` only, when given) to their
+/// targets: the initial sync, or a catch-up after a long outage. Inside the running server when
+/// there is one (POST /replicate on the admin listener), so it shares its store; otherwise on
+/// the store directly. Returns the report, and whether every tag was copied.
+pub fn replicate(config: Config, rule: Option<usize>) -> Result<(bool, String), String> {
+    if config.replication.is_empty() {
+        return Err("the config has no [[replication]] rule".into());
+    }
+    if let Some(addr) = running_admin(&config) {
+        let url = match rule {
+            Some(r) => format!("http://{addr}/replicate?rule={r}"),
+            None => format!("http://{addr}/replicate"),
+        };
+        return runtime().block_on(async {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .send()
+                .await
+                .map_err(|e| format!("asking the running berth at {addr} to replicate: {e}"))?;
+            let status = r.status();
+            let body = r.text().await.map_err(|e| e.to_string())?;
+            if !status.is_success() {
+                return Err(format!("the running berth answered {status}: {body}"));
+            }
+            let reports: Vec<serde_json::Value> = serde_json::from_str(&body).map_err(|e| format!("unreadable report: {e}"))?;
+            let ok = reports.iter().all(|r| r["tags_failed"].as_array().is_some_and(|f| f.is_empty()));
+            Ok((ok, body))
+        });
+    }
+    let store = config.open_store()?;
+    let r = crate::replicate::Replicator::new(store, &config.replication);
+    let reports = runtime().block_on(r.sync(rule)).map_err(|e| format!("replication failed: {e}"))?;
+    let ok = reports.iter().all(|r| r.tags_failed.is_empty());
+    Ok((ok, serde_json::to_string_pretty(&reports).expect("report serializes")))
+}

@@ -45,6 +45,21 @@ struct File {
     cluster: Option<ClusterFile>,
     #[serde(default)]
     ui: UiFile,
+    #[serde(default)]
+    replication: Vec<ReplicationFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicationFile {
+    namespace: String,
+    target: String,
+    prefix: Option<String>,
+    tags: Option<Vec<String>>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    delete: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +351,41 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[ui] enabled`: the web pages under `/ui/` on the registry listener.
     pub ui_enabled: bool,
+    /// `[[replication]]` rules, in file order (`berth replicate --rule N` counts from 0).
+    pub replication: Vec<Replication>,
+}
+
+/// `[[replication]]`, validated: pushes to `namespace` are copied to another registry.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    pub namespace: String,
+    /// The target registry's base URL (its `/v2/` is below it).
+    pub target: url::Url,
+    /// The repository name at the target of the namespace itself (`team/app` becomes
+    /// `<prefix>/app`); the namespace's own name when not set.
+    pub prefix: String,
+    /// Tag patterns (`*` and `?` globs); empty: every tag.
+    pub tags: Vec<glob::Pattern>,
+    pub credentials: Option<(String, Secret)>,
+    /// Tag and manifest deletes are propagated too.
+    pub delete: bool,
+}
+
+impl Replication {
+    /// Whether `repo:tag` is replicated by this rule.
+    pub fn matches(&self, repo: &str, tag: &str) -> bool {
+        self.covers(repo) && (self.tags.is_empty() || self.tags.iter().any(|p| p.matches(tag)))
+    }
+
+    /// Whether `repo` is in this rule's namespace.
+    pub fn covers(&self, repo: &str) -> bool {
+        repo == self.namespace || repo.strip_prefix(&self.namespace).is_some_and(|r| r.starts_with('/'))
+    }
+
+    /// `repo`'s name at the target.
+    pub fn target_name(&self, repo: &str) -> String {
+        format!("{}{}", self.prefix, &repo[self.namespace.len()..])
+    }
 }
 
 /// `[cluster]`, validated.
@@ -704,6 +754,33 @@ impl Config {
                 })
             }
         };
+        let mut replication = Vec::new();
+        for (i, r) in f.replication.into_iter().enumerate() {
+            let key = |k: &str| format!("replication[{i}].{k}");
+            if !namespaces.iter().any(|n| n.prefix == r.namespace) {
+                return Err(invalid(key("namespace"), format!("{:?} is not a [[namespace]] prefix", r.namespace)));
+            }
+            let target = url::Url::parse(&r.target).map_err(|e| invalid(key("target"), format!("{:?}: {e}", r.target)))?;
+            if !matches!(target.scheme(), "http" | "https") || target.host_str().is_none() {
+                return Err(invalid(key("target"), format!("{:?} must be an http(s) URL with a host", r.target)));
+            }
+            let prefix = r.prefix.unwrap_or_else(|| r.namespace.clone());
+            RepoName::parse(&prefix).map_err(|e| invalid(key("prefix"), e.message))?;
+            let mut tags = Vec::new();
+            for t in r.tags.unwrap_or_default() {
+                tags.push(glob::Pattern::new(&t).map_err(|e| invalid(key("tags"), format!("{t:?}: {e}")))?);
+            }
+            let credentials = match (r.username, r.password_file) {
+                (Some(u), Some(pf)) => {
+                    let pw = std::fs::read_to_string(&pf)
+                        .map_err(|e| invalid(key("password_file"), format!("cannot read {}: {e}", pf.display())))?;
+                    Some((u, Secret::new(pw.trim_end_matches(['\r', '\n']).to_string())))
+                }
+                (None, None) => None,
+                _ => return Err(invalid(key("username"), "username and password_file go together")),
+            };
+            replication.push(Replication { namespace: r.namespace, target, prefix, tags, credentials, delete: r.delete });
+        }
         if s3.is_none() && f.storage.hot_tier_bytes.is_some() {
             return Err(invalid("storage.hot_tier_bytes", "applies to [storage.s3] only (the local disk is the store otherwise)"));
         }
@@ -732,6 +809,7 @@ impl Config {
             auth,
             cluster,
             ui_enabled: f.ui.enabled,
+            replication,
         })
     }
 

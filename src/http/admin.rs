@@ -113,6 +113,20 @@ impl Admin {
                     }
                 }
             },
+            "/replicate" if !is_post => (405, "text/plain", "use POST\n".to_string()),
+            "/replicate" => match &self.registry {
+                None => (503, "text/plain", "no registry\n".to_string()),
+                Some(reg) => {
+                    let rule = crate::oci::route::query_param(Some(&query), "rule").map(|v| v.parse::<usize>());
+                    match rule.transpose() {
+                        Err(_) => (400, "text/plain", "rule must be a number\n".to_string()),
+                        Ok(rule) => match reg.replicator.sync(rule).await {
+                            Ok(r) => (200, "application/json", serde_json::to_string_pretty(&r).expect("report serializes")),
+                            Err(e) => (500, "text/plain", format!("replication failed: {e}\n")),
+                        },
+                    }
+                }
+            },
             "/metrics" => {
                 self.refresh_gauges().await;
                 (200, "text/plain; version=0.0.4", metrics::render())

@@ -33,6 +33,10 @@ pub async fn handle(
             Method::PUT => put_manifest(reg, req, repo, reference, body).await,
             Method::DELETE => {
                 let immutable = reg.immutable_of(r);
+                let pointed = match reference {
+                    Reference::Tag(t) => store.tag_digest(r, t.as_str())?,
+                    Reference::Digest(d) => Some(d.clone()),
+                };
                 let found = match reference {
                     Reference::Digest(d) => store.delete_manifest(r, d, immutable).await?,
                     Reference::Tag(t) => store.delete_tag(r, t.as_str(), immutable(t.as_str())).await?,
@@ -40,6 +44,11 @@ pub async fn handle(
                 if !found {
                     return Err(manifest_unknown(repo, reference));
                 }
+                let tag = match reference {
+                    Reference::Tag(t) => Some(t.as_str()),
+                    Reference::Digest(_) => None,
+                };
+                reg.replicate_deleted(r, &reference.to_string(), tag, pointed);
                 Ok(Response::new(202))
             }
             _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
@@ -180,6 +189,7 @@ async fn put_manifest(
     if let Some(s) = &info.subject {
         resp = resp.header("OCI-Subject", s.to_string());
     }
+    reg.replicate_pushed(r, &tags.iter().map(|t| t.as_str().to_string()).collect::<Vec<_>>());
     Ok(resp)
 }
 

@@ -4,7 +4,7 @@
 //! for it; redirects followed with credentials dropped on a cross-host hop (reqwest's policy);
 //! connect and first-byte timeouts. Never imports pingora's server types.
 
-mod challenge;
+pub mod challenge;
 pub mod health;
 
 pub use challenge::Challenge;
