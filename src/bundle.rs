@@ -684,7 +684,8 @@ mod tests {
             names.push(p);
         }
         assert!(
-            names.contains(&"oci-layout".to_string()) && names.iter().filter(|n| n.starts_with("blobs/sha256/") && !n.ends_with('/')).count() == 10,
+            names.contains(&"oci-layout".to_string())
+                && names.iter().filter(|n| n.starts_with("blobs/sha256/") && !n.ends_with('/')).count() == 10,
             "{names:?}"
         );
         let entries = index_json.unwrap()["manifests"].as_array().unwrap().clone();
