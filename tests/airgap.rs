@@ -63,6 +63,17 @@ fn get(url: &str, accept: &str) -> reqwest::blocking::Response {
     reqwest::blocking::Client::new().get(url).header("Accept", accept).send().unwrap()
 }
 
+/// Waits until berth has stored a blob it served (a fill is committed as it ends, which may be
+/// just after the client has the last byte).
+fn wait_cached(b: &Berth, repo: &str, d: &str) {
+    let url = format!("{}/v2/{repo}/blobs/{d}", b.url());
+    let hit = || {
+        let r = reqwest::blocking::Client::new().head(&url).send().unwrap();
+        r.headers().get("x-berth-cache").is_some_and(|v| v == "hit")
+    };
+    assert!(common::eventually(Duration::from_secs(30), hit), "{d} was not stored");
+}
+
 /// Fetches a manifest and its blobs through a mirror, so the berth caches them.
 fn fetch_through(b: &Berth, repo: &str, reference: &str) -> Vec<u8> {
     let r = get(&format!("{}/v2/{repo}/manifests/{reference}", b.url()), &format!("{OCI_INDEX}, {OCI_MANIFEST}"));
@@ -74,6 +85,7 @@ fn fetch_through(b: &Berth, repo: &str, reference: &str) -> Vec<u8> {
     {
         let r = get(&format!("{}/v2/{repo}/blobs/{d}", b.url()), "*/*");
         assert_eq!(r.status(), 200, "{d}");
+        wait_cached(b, repo, d);
     }
     bytes
 }
@@ -122,6 +134,11 @@ fn an_exported_multi_arch_image_is_pulled_by_docker_and_skopeo_from_an_offline_b
     let pulled = work.path().join("pulled");
     let src = format!("docker://{}/library/busybox:latest", online.host());
     skopeo(&["copy", "--all", "--retry-times=0", "--src-tls-verify=false", &src, &format!("oci:{}:latest", path(&pulled))]).expect_ok();
+    for img in &layout.images {
+        for d in img.blobs() {
+            wait_cached(&online, "library/busybox", &d);
+        }
+    }
     fetch_through(&online, "library/busybox", &referrer_digest);
     fetch_through(&online, "library/busybox", &cosign_tag);
     online.kill();
