@@ -7,8 +7,9 @@
 //! `<repository>@<digest>` for an untagged referrer), repositories named as the store names
 //! them (`docker.io/library/alpine` for a mirrored one). Import reads the stream once, in any
 //! entry order, hashing every blob as it streams into the store; nothing is published before
-//! the whole bundle has been read and every digest and reference checked, so a bad bundle
-//! stores nothing.
+//! the whole bundle has been read and every digest and reference checked, so a damaged or
+//! incomplete bundle stores nothing. (A write the store refuses afterwards, an immutable tag or
+//! a quota, stops the import there.)
 
 use crate::oci::manifest::{self, Descriptor, MAX_MANIFEST_BYTES};
 use crate::oci::{Digest, Hasher, Reference, RepoName};

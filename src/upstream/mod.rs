@@ -375,8 +375,8 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
-        // Only reached when the last URL was passed over for its budget.
-        Err(failure.unwrap_or_else(|| UpstreamError::BudgetSpent(self.budget.exhausted().unwrap_or(Duration::from_secs(60)))))
+        // Not reached: the last URL is never passed over, and its outcome is returned above.
+        Err(failure.unwrap_or_else(|| UpstreamError::Unreachable("no upstream URL was tried".into())))
     }
 
     /// One URL's attempt, with its authentication round trip.
