@@ -17,6 +17,7 @@
 //! `auth` decides who may do what without knowing HTTP.
 
 pub mod auth;
+pub mod bundle;
 pub mod cluster;
 pub mod config;
 pub mod fill;

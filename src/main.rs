@@ -55,12 +55,49 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Write images from the store to an OCI image layout tar (every platform, with their
+    /// referrers), for a berth that cannot reach the upstream. Berth must be stopped.
+    Export {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+        /// `<repository>:<tag>` or `<repository>@<digest>`, repositories as berth stores them
+        /// (mirrored ones under the upstream's name: docker.io/library/alpine:3.20).
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// The bundle to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Load an OCI image layout tar (as `berth export` writes) into the store: into an
+    /// upstream's mirror cache or a hosted namespace, by each entry's repository name. Every
+    /// digest is verified; a damaged bundle stores nothing. Berth must be stopped.
+    Import {
+        #[arg(long, env = "BERTH_CONFIG")]
+        config: PathBuf,
+        bundle: PathBuf,
+        /// Put this repository prefix in front of every name in the bundle (a hosted namespace).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     match path {
         Some(p) => Config::load(p).map_err(|e| e.to_string()),
         None => Ok(Config::embedded_default()),
+    }
+}
+
+fn report(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -105,6 +142,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Export { config, images, output } => report(load(Some(&config)).and_then(|c| berth::ops::export(c, &images, &output))),
+        Command::Import { config, bundle, to } => report(load(Some(&config)).and_then(|c| berth::ops::import(c, &bundle, to.as_deref()))),
         Command::Check { config } => match load(Some(&config)).and_then(|c| c.check_environment().map_err(|e| e.to_string())) {
             Ok(()) => {
                 println!("{}: ok", config.display());

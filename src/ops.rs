@@ -100,3 +100,95 @@ pub fn replicate(config: Config, rule: Option<usize>) -> Result<(bool, String), 
     let ok = reports.iter().all(|r| r.tags_failed.is_empty());
     Ok((ok, serde_json::to_string_pretty(&reports).expect("report serializes")))
 }
+
+/// The multi-threaded runtime the bundle commands need: the tar stream is read and written on a
+/// blocking thread that waits on the store's async writes.
+fn bundle_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// The store, opened for a bundle command: refused while a berth serves this config (its
+/// metadata database takes one process at a time).
+fn offline_registry(config: Config, what: &str) -> Result<std::sync::Arc<Registry>, String> {
+    if let Some(addr) = running_admin(&config) {
+        return Err(format!("berth is running (admin listener {addr} answers); stop it before {what}"));
+    }
+    let store = config.open_store()?;
+    Registry::new(std::sync::Arc::new(config), store)
+}
+
+/// `berth export`: the images `refs` names, from the store, as an OCI image layout tar at
+/// `output` (written beside it first, renamed into place once complete).
+pub fn export(config: Config, refs: &[String], output: &std::path::Path) -> Result<String, String> {
+    if refs.is_empty() {
+        return Err("name at least one image to export: <repository>:<tag> or <repository>@<digest>".into());
+    }
+    let rt = bundle_runtime();
+    let registry = rt.block_on(async { offline_registry(config, "export") })?;
+    let tmp = output.with_file_name(format!(".{}.partial", output.file_name().and_then(|n| n.to_str()).unwrap_or("bundle")));
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    let result = rt.block_on(crate::bundle::export(registry.store.clone(), refs, std::io::BufWriter::with_capacity(1 << 20, file)));
+    let finish = result.and_then(|(report, out)| {
+        let file = out.into_inner().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        file.sync_all().map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, output).map_err(|e| format!("cannot move the bundle to {}: {e}", output.display()))?;
+        Ok(report)
+    });
+    match finish {
+        Ok(report) => Ok(format!("exported {report} to {}", output.display())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// `berth import`: a bundle into the store. A repository whose first component is an
+/// upstream's name (or alias) goes to that upstream's mirror cache, one in a hosted namespace
+/// to that namespace; `to` is put in front of every name first.
+pub fn import(config: Config, bundle: &std::path::Path, to: Option<&str>) -> Result<String, String> {
+    let rt = bundle_runtime();
+    let registry = rt.block_on(async { offline_registry(config, "import") })?;
+    let file = std::fs::File::open(bundle).map_err(|e| format!("cannot open {}: {e}", bundle.display()))?;
+    let input = std::io::BufReader::with_capacity(1 << 20, file);
+    let places = Places { registry: registry.clone() };
+    let report = rt.block_on(crate::bundle::import(registry.store.clone(), input, to, &places))?;
+    Ok(format!("imported {report} from {}", bundle.display()))
+}
+
+struct Places {
+    registry: std::sync::Arc<Registry>,
+}
+
+impl crate::bundle::Destination for Places {
+    fn place(&self, repo: &str) -> Result<crate::bundle::Placement, String> {
+        let config = &self.registry.config;
+        if let Some((first, rest)) = repo.split_once('/') {
+            if let Some(u) = config.upstreams.iter().find(|u| u.answers_to(first)) {
+                // As the mirror names them: Docker Hub's one-component names are library/'s.
+                let rest = if u.name == "docker.io" && !rest.contains('/') { format!("library/{rest}") } else { rest.to_string() };
+                return Ok(crate::bundle::Placement {
+                    repo: format!("{}/{rest}", u.name),
+                    cache: true,
+                    quota: None,
+                    immutable: std::sync::Arc::new(|_: &str| false),
+                });
+            }
+        }
+        if config.namespaces.iter().any(|n| n.matches(repo)) {
+            return Ok(crate::bundle::Placement {
+                repo: repo.to_string(),
+                cache: false,
+                quota: self.registry.quota_of(repo),
+                immutable: self.registry.immutable_of(repo),
+            });
+        }
+        let upstreams: Vec<_> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let namespaces: Vec<_> = config.namespaces.iter().map(|n| n.prefix.as_str()).collect();
+        Err(format!(
+            "{repo} is under no upstream ({}) and in no hosted namespace ({}); import it with --to <namespace>",
+            if upstreams.is_empty() { "none configured".to_string() } else { upstreams.join(", ") },
+            if namespaces.is_empty() { "none configured".to_string() } else { namespaces.join(", ") },
+        ))
+    }
+}

@@ -261,7 +261,8 @@ fn default_failure_window() -> Duration {
 #[serde(deny_unknown_fields)]
 struct UpstreamFile {
     name: String,
-    url: String,
+    url: Option<String>,
+    urls: Option<Vec<UrlFile>>,
     #[serde(default)]
     aliases: Vec<String>,
     #[serde(default)]
@@ -281,6 +282,23 @@ struct UpstreamFile {
     ratelimit_reserve: Option<Reserve>,
     #[serde(default)]
     offline: bool,
+}
+
+/// One of `urls`: a plain URL (sent the upstream's own `username`/`password_file`, if any), or a
+/// table with credentials of its own.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum UrlFile {
+    Plain(String),
+    WithCredentials(UrlTableFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UrlTableFile {
+    url: String,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 /// `ratelimit_reserve`: a fraction (`0.1`) or a percentage (`"10%"`).
@@ -469,16 +487,27 @@ impl Namespace {
     }
 }
 
+/// One place an upstream is fetched from, with the credentials berth answers its challenges
+/// with there.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub url: url::Url,
+    pub credentials: Option<(String, Secret)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// The first of `urls`: the address messages and the UI name the upstream by.
     pub url: url::Url,
+    /// Tried in order: a request that finds one unreachable, timing out, failing with a 5xx or
+    /// a 429, or with its circuit open, goes to the next.
+    pub urls: Vec<UpstreamUrl>,
     pub aliases: Vec<String>,
     pub default: bool,
     pub tag_ttl: Duration,
     pub connect_timeout: Duration,
     pub timeout: Duration,
-    pub credentials: Option<(String, Secret)>,
     /// A tag past its TTL whose check takes longer than this is served from the cache while
     /// the check goes on.
     pub stale_after: Duration,
@@ -492,6 +521,20 @@ pub struct Upstream {
 impl Upstream {
     pub fn answers_to(&self, host: &str) -> bool {
         self.name == host || self.aliases.iter().any(|a| a == host)
+    }
+}
+
+/// `username` and `password_file` (under `prefix`, e.g. `upstream[0].` or
+/// `upstream[0].urls[1].`): both or neither.
+fn credentials(user: Option<String>, file: Option<PathBuf>, prefix: &str) -> Result<Option<(String, Secret)>, ConfigError> {
+    match (user, file) {
+        (Some(user), Some(pf)) => {
+            let pw = std::fs::read_to_string(&pf)
+                .map_err(|e| invalid(format!("{prefix}password_file"), format!("cannot read {}: {e}", pf.display())))?;
+            Ok(Some((user, Secret(pw.trim_end_matches(['\r', '\n']).to_string()))))
+        }
+        (None, None) => Ok(None),
+        _ => Err(invalid(format!("{prefix}username"), "username and password_file go together")),
     }
 }
 
@@ -605,10 +648,6 @@ impl Config {
         let mut upstreams: Vec<Upstream> = Vec::new();
         for (i, u) in f.upstream.into_iter().enumerate() {
             let key = |k: &str| format!("upstream[{i}].{k}");
-            let url = url::Url::parse(&u.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", u.url)))?;
-            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                return Err(invalid(key("url"), format!("{:?} must be an http(s) URL with a host", u.url)));
-            }
             if u.name.is_empty() || u.name.contains('/') {
                 return Err(invalid(key("name"), "must be a registry host name such as docker.io"));
             }
@@ -622,15 +661,30 @@ impl Config {
             }
             let pull = principals(key("pull"), &u.pull)?;
             policy.add_upstream(&u.name, pull.unwrap_or_else(|| Rules::mirror_default().pull));
-            let credentials = match (u.username, u.password_file) {
-                (Some(user), Some(pf)) => {
-                    let pw = std::fs::read_to_string(&pf)
-                        .map_err(|e| invalid(key("password_file"), format!("cannot read {}: {e}", pf.display())))?;
-                    Some((user, Secret(pw.trim_end_matches(['\r', '\n']).to_string())))
-                }
-                (None, None) => None,
-                _ => return Err(invalid(key("username"), "username and password_file go together")),
+            let shared = credentials(u.username, u.password_file, &key(""))?;
+            let single = u.url.is_some();
+            let entries = match (u.url, u.urls) {
+                (Some(url), None) => vec![UrlFile::Plain(url)],
+                (None, Some(urls)) if !urls.is_empty() => urls,
+                (Some(_), Some(_)) => return Err(invalid(key("url"), "give url or urls, not both")),
+                _ => return Err(invalid(key("urls"), "an upstream needs url (one) or urls (several, tried in order)")),
             };
+            let mut urls = Vec::new();
+            for (j, e) in entries.into_iter().enumerate() {
+                let (raw, creds) = match e {
+                    UrlFile::Plain(raw) => (raw, shared.clone()),
+                    UrlFile::WithCredentials(t) => {
+                        let c = credentials(t.username, t.password_file, &key(&format!("urls[{j}].")))?;
+                        (t.url, c)
+                    }
+                };
+                let k = if single { key("url") } else { key(&format!("urls[{j}]")) };
+                let url = url::Url::parse(&raw).map_err(|e| invalid(k.clone(), format!("{raw:?}: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(invalid(k, format!("{raw:?} must be an http(s) URL with a host")));
+                }
+                urls.push(UpstreamUrl { url, credentials: creds });
+            }
             let ratelimit_reserve = match &u.ratelimit_reserve {
                 None => 0.1,
                 Some(Reserve::Fraction(f)) => *f,
@@ -645,13 +699,13 @@ impl Config {
             }
             upstreams.push(Upstream {
                 name: u.name,
-                url,
+                url: urls[0].url.clone(),
+                urls,
                 aliases: u.aliases,
                 default: u.default,
                 tag_ttl: u.tag_ttl,
                 connect_timeout: u.connect_timeout,
                 timeout: u.timeout,
-                credentials,
                 stale_after: u.stale_after,
                 ratelimit_reserve,
                 offline: u.offline,
@@ -1054,5 +1108,44 @@ mod tests {
             let e = Config::parse(&up(&format!("ratelimit_reserve = {bad}\n")), "t").unwrap_err().to_string();
             assert!(e.contains("upstream[0].ratelimit_reserve"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn several_urls_with_credentials_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&pa, "secret-a\n").unwrap();
+        std::fs::write(&pb, "secret-b").unwrap();
+        let text = format!(
+            "[[upstream]]\nname = \"docker.io\"\nusername = \"hub\"\npassword_file = \"{}\"\n\
+             urls = [{{ url = \"https://mirror.corp/dockerhub\", username = \"corp\", password_file = \"{}\" }}, \
+             \"https://registry-1.docker.io\", {{ url = \"https://third.example\" }}]\n",
+            pa.display(),
+            pb.display()
+        );
+        let c = Config::parse(&text, "t").unwrap();
+        let u = &c.upstreams[0];
+        let got: Vec<_> = u.urls.iter().map(|x| (x.url.as_str(), x.credentials.as_ref().map(|(n, p)| (n.as_str(), p.expose())))).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("https://mirror.corp/dockerhub", Some(("corp", "secret-b"))),
+                ("https://registry-1.docker.io/", Some(("hub", "secret-a"))),
+                ("https://third.example/", None),
+            ]
+        );
+        assert_eq!(u.url.as_str(), "https://mirror.corp/dockerhub", "the first URL names the upstream");
+        // One url is a list of one.
+        let c = Config::parse("[[upstream]]\nname = \"a\"\nurl = \"http://x\"\n", "t").unwrap();
+        assert_eq!(c.upstreams[0].urls.len(), 1);
+        let err = |t: &str| Config::parse(t, "t").unwrap_err().to_string();
+        let e = err("[[upstream]]\nname = \"a\"\nurl = \"http://x\"\nurls = [\"http://y\"]\n");
+        assert!(e.contains("upstream[0].url") && e.contains("url or urls"), "{e}");
+        assert!(err("[[upstream]]\nname = \"a\"\n").contains("upstream[0].urls"));
+        assert!(err("[[upstream]]\nname = \"a\"\nurls = []\n").contains("upstream[0].urls"));
+        let e = err("[[upstream]]\nname = \"a\"\nurls = [\"http://x\", \"ftp://y\"]\n");
+        assert!(e.contains("upstream[0].urls[1]"), "{e}");
+        let e = err("[[upstream]]\nname = \"a\"\nurls = [{ url = \"http://x\", username = \"u\" }]\n");
+        assert!(e.contains("upstream[0].urls[0].username"), "{e}");
     }
 }

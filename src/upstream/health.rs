@@ -2,6 +2,7 @@
 //! pull budget its rate-limit headers announce. Plain state machines, driven by the client.
 
 use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Consecutive failures (unreachable, timeout, 5xx) that open the circuit.
@@ -204,6 +205,69 @@ impl Budget {
     }
 }
 
+/// What berth knows of one of an upstream's URLs: each has its own circuit and budget, so a
+/// dead first URL costs a timeout only until its circuit opens, and a corporate mirror's
+/// answers say nothing about Docker Hub's pull budget.
+pub struct UrlHealth {
+    pub breaker: Breaker,
+    pub budget: Budget,
+}
+
+/// The upstream's circuits, one per URL, seen as one: the upstream is failing only when every
+/// URL is.
+#[derive(Clone)]
+pub struct Breakers(Arc<[UrlHealth]>);
+
+/// The upstream's pull budgets, one per URL, seen as one: only the URLs a request could go to
+/// now (circuit closed) count, so a healthy URL's budget is what decides; with every circuit
+/// open, all of them.
+#[derive(Clone)]
+pub struct Budgets(Arc<[UrlHealth]>);
+
+/// The per-URL state, and its two views.
+pub fn per_url(n: usize, reserve: f64) -> (Arc<[UrlHealth]>, Breakers, Budgets) {
+    let all: Arc<[UrlHealth]> = (0..n.max(1)).map(|_| UrlHealth { breaker: Breaker::default(), budget: Budget::new(reserve) }).collect();
+    (all.clone(), Breakers(all.clone()), Budgets(all))
+}
+
+impl Breakers {
+    /// 0 when any URL's circuit is closed, else 1 when one is probing, else 2.
+    pub fn state(&self) -> i64 {
+        self.0.iter().map(|h| h.breaker.state()).min().unwrap_or(0)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state() != 0
+    }
+}
+
+impl Budgets {
+    fn usable(&self) -> Vec<&Budget> {
+        let open: Vec<&Budget> = self.0.iter().filter(|h| !h.breaker.is_open()).map(|h| &h.budget).collect();
+        if open.is_empty() {
+            self.0.iter().map(|h| &h.budget).collect()
+        } else {
+            open
+        }
+    }
+
+    /// Every usable URL's budget is spent: `Some(wait)` until the first comes back.
+    pub fn exhausted(&self) -> Option<Duration> {
+        let waits: Option<Vec<Duration>> = self.usable().iter().map(|b| b.exhausted()).collect();
+        waits.and_then(|w| w.into_iter().min())
+    }
+
+    /// Every usable URL is at or below its reserve.
+    pub fn thrifty(&self) -> bool {
+        self.usable().iter().all(|b| b.thrifty())
+    }
+
+    /// The pulls left at the URLs that announced a figure, together.
+    pub fn remaining(&self) -> Option<u64> {
+        self.0.iter().filter_map(|h| h.budget.remaining()).reduce(|a, b| a + b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +324,28 @@ mod tests {
         assert!(b.exhausted().is_some_and(|w| w <= Duration::from_secs(37) && w > Duration::from_secs(30)));
         assert!(b.thrifty());
         assert_eq!(parse_quota("garbage"), None);
+    }
+
+    #[test]
+    fn an_upstream_is_down_and_thrifty_only_when_every_usable_url_is() {
+        let (all, breakers, budgets) = per_url(2, 0.1);
+        assert_eq!(breakers.state(), 0);
+        for _ in 0..FAILURES_TO_OPEN {
+            all[0].breaker.failed();
+        }
+        assert_eq!(breakers.state(), 0, "the second URL still answers");
+        // The open first URL's spent budget does not count while the second is usable.
+        all[0].budget.observe(Some("100;w=21600"), Some("0;w=21600"));
+        assert!(budgets.exhausted().is_none() && !budgets.thrifty());
+        all[1].budget.observe(Some("100;w=21600"), Some("5;w=21600"));
+        assert!(budgets.thrifty() && budgets.exhausted().is_none());
+        assert_eq!(budgets.remaining(), Some(5));
+        for _ in 0..FAILURES_TO_OPEN {
+            all[1].breaker.failed();
+        }
+        assert_eq!(breakers.state(), 2);
+        assert!(budgets.exhausted().is_none(), "with every circuit open, all budgets count: one has pulls left");
+        all[1].budget.observe(None, Some("0;w=21600"));
+        assert!(budgets.exhausted().is_some());
     }
 }

@@ -207,9 +207,11 @@ impl Drop for TokenLockClaim<'_> {
     }
 }
 
-pub struct Client {
-    pub upstream: Arc<Upstream>,
-    http: reqwest::Client,
+/// One of an upstream's URLs and the authentication state berth keeps for it: tokens come from
+/// the realm that URL's challenges name, with that URL's credentials.
+struct Endpoint {
+    url: String,
+    credentials: Option<(String, crate::config::Secret)>,
     tokens: moka::sync::Cache<String, Token>,
     /// One token fetch per scope at a time; later requests wait and reuse it.
     token_locks: TokenLocks,
@@ -217,10 +219,48 @@ pub struct Client {
     /// front. Per scope, not per upstream: one registry may guard some repositories with Basic
     /// and others with tokens, and a Basic answer for one must not change how another is asked.
     basic_scopes: moka::sync::Cache<String, ()>,
-    /// Failures open it; while open, requests fail at once (cached answers are served).
-    pub breaker: health::Breaker,
-    /// The pull budget the upstream's rate-limit headers announce.
-    pub budget: health::Budget,
+}
+
+impl Endpoint {
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.url.trim_end_matches('/'), path)
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        use base64::Engine;
+        let (user, pw) = self.credentials.as_ref()?;
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pw.expose()));
+        let mut v = HeaderValue::from_str(&format!("Basic {enc}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        self.tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value)
+    }
+
+    fn auth_for(&self, scope: &str) -> Option<HeaderValue> {
+        if self.basic_scopes.contains_key(scope) {
+            return self.basic_header();
+        }
+        let t = self.cached_token(scope)?;
+        let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+pub struct Client {
+    pub upstream: Arc<Upstream>,
+    http: reqwest::Client,
+    /// The upstream's URLs in the order they are tried.
+    endpoints: Vec<Endpoint>,
+    /// Each URL's circuit and pull budget (same order as `endpoints`).
+    health: Arc<[health::UrlHealth]>,
+    /// The circuits together: open only when every URL's is (cached answers are served).
+    pub breaker: health::Breakers,
+    /// The pull budgets the URLs' rate-limit headers announce, together.
+    pub budget: health::Budgets,
 }
 
 /// Gives a probe's turn back if its request is dropped before an answer.
@@ -247,33 +287,19 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .expect("http client builds");
-        let budget = health::Budget::new(upstream.ratelimit_reserve);
-        Client {
-            upstream,
-            http,
-            tokens: token_cache(MAX_TOKENS),
-            token_locks: Mutex::new(HashMap::new()),
-            basic_scopes: moka::sync::Cache::new(MAX_BASIC_SCOPES),
-            breaker: health::Breaker::default(),
-            budget,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.upstream.url.as_str().trim_end_matches('/'), path)
-    }
-
-    fn basic_header(&self) -> Option<HeaderValue> {
-        use base64::Engine;
-        let (user, pw) = self.upstream.credentials.as_ref()?;
-        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pw.expose()));
-        let mut v = HeaderValue::from_str(&format!("Basic {enc}")).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    fn cached_token(&self, scope: &str) -> Option<String> {
-        self.tokens.get(scope).filter(|t| t.expires > Instant::now()).map(|t| t.value)
+        let endpoints: Vec<Endpoint> = upstream
+            .urls
+            .iter()
+            .map(|u| Endpoint {
+                url: u.url.as_str().to_string(),
+                credentials: u.credentials.clone(),
+                tokens: token_cache(MAX_TOKENS),
+                token_locks: Mutex::new(HashMap::new()),
+                basic_scopes: moka::sync::Cache::new(MAX_BASIC_SCOPES),
+            })
+            .collect();
+        let (health, breaker, budget) = health::per_url(endpoints.len(), upstream.ratelimit_reserve);
+        Client { upstream, http, endpoints, health, breaker, budget }
     }
 
     /// Reads a whole upstream body into memory, up to `limit` bytes and within the upstream's
@@ -296,16 +322,6 @@ impl Client {
         }
     }
 
-    fn auth_for(&self, scope: &str) -> Option<HeaderValue> {
-        if self.basic_scopes.contains_key(scope) {
-            return self.basic_header();
-        }
-        let t = self.cached_token(scope)?;
-        let mut v = HeaderValue::from_str(&format!("Bearer {t}")).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
     /// Sends a request for `repo` (the upstream's repository name), authenticating as the
     /// upstream demands. Returns the response with any status; transport failures are errors.
     pub async fn send(&self, method: Method, repo: &str, path: &str, accept: Option<&str>) -> Result<reqwest::Response, UpstreamError> {
@@ -313,6 +329,11 @@ impl Client {
     }
 
     /// As `send`, asking for the body from byte `from` on (`Range`) when it is not zero.
+    ///
+    /// The upstream's URLs are tried in order: one that is unreachable, times out, answers 5xx
+    /// or 429, or whose circuit is open passes the request to the next. Any other answer is the
+    /// upstream's, a 404 included: the URLs are meant to serve the same content, and asking the
+    /// next URL after a 404 would turn every miss into one request per URL.
     pub async fn send_from(
         &self,
         method: Method,
@@ -321,6 +342,54 @@ impl Client {
         accept: Option<&str>,
         from: u64,
     ) -> Result<reqwest::Response, UpstreamError> {
+        if self.upstream.offline {
+            return Err(UpstreamError::Offline);
+        }
+        let last = self.endpoints.len() - 1;
+        let mut failure = None;
+        for i in 0..=last {
+            // A URL whose pull budget is spent is passed over for GETs while another remains
+            // (HEADs, which Docker Hub does not count, still go).
+            if i < last && method == Method::GET && self.health[i].budget.exhausted().is_some() {
+                continue;
+            }
+            let url = self.endpoints[i].url.as_str();
+            match self.send_to(i, method.clone(), repo, path, accept, from).await {
+                Ok(r) if i < last && (r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS) => {
+                    tracing::warn!(upstream = %self.upstream.name, url, status = r.status().as_u16(), "upstream URL failed; trying the next");
+                }
+                Ok(r) => {
+                    if i > 0 {
+                        tracing::debug!(upstream = %self.upstream.name, url, "served by a later upstream URL");
+                    }
+                    return Ok(r);
+                }
+                Err(e) if e.is_outage() && i < last => {
+                    if matches!(e, UpstreamError::CircuitOpen(_)) {
+                        tracing::debug!(upstream = %self.upstream.name, url, "upstream URL's circuit is open; trying the next");
+                    } else {
+                        tracing::warn!(upstream = %self.upstream.name, url, error = ?e, "upstream URL failed; trying the next");
+                    }
+                    failure = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Not reached: the last URL is never passed over, and its outcome is returned above.
+        Err(failure.unwrap_or_else(|| UpstreamError::Unreachable("no upstream URL was tried".into())))
+    }
+
+    /// One URL's attempt, with its authentication round trip.
+    async fn send_to(
+        &self,
+        i: usize,
+        method: Method,
+        repo: &str,
+        path: &str,
+        accept: Option<&str>,
+        from: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let ep = &self.endpoints[i];
         let scope = format!("repository:{repo}:pull");
         let mut retried = false;
         loop {
@@ -331,42 +400,40 @@ impl Client {
             if from > 0 {
                 headers.insert(reqwest::header::RANGE, HeaderValue::from_str(&format!("bytes={from}-")).expect("range is ascii"));
             }
-            let sent_basic = self.basic_scopes.contains_key(&scope);
-            if let Some(auth) = self.auth_for(&scope) {
+            let sent_basic = ep.basic_scopes.contains_key(&scope);
+            if let Some(auth) = ep.auth_for(&scope) {
                 headers.insert(AUTHORIZATION, auth);
             }
-            let resp = self.raw(method.clone(), &self.url(path), headers).await?;
+            let resp = self.raw(i, method.clone(), &ep.url(path), headers).await?;
             if resp.status() != StatusCode::UNAUTHORIZED || retried {
                 return Ok(resp);
             }
             retried = true;
             let offered = resp.headers().get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
-            match Challenge::choose(offered, self.upstream.credentials.is_some()) {
+            match Challenge::choose(offered, ep.credentials.is_some()) {
                 // The credentials were sent and refused: asking again changes nothing.
                 Some(Challenge::Basic) if sent_basic => return Ok(resp),
-                Some(Challenge::Basic) => self.basic_scopes.insert(scope.clone(), ()),
+                Some(Challenge::Basic) => ep.basic_scopes.insert(scope.clone(), ()),
                 Some(Challenge::Bearer { realm, service, scope: challenge_scope }) => {
-                    self.basic_scopes.invalidate(&scope);
+                    ep.basic_scopes.invalidate(&scope);
                     let want = challenge_scope.unwrap_or_else(|| scope.clone());
-                    self.tokens.invalidate(&scope);
-                    self.fetch_token(&realm, service.as_deref(), &want, &scope).await?;
+                    ep.tokens.invalidate(&scope);
+                    self.fetch_token(i, &realm, service.as_deref(), &want, &scope).await?;
                 }
                 None => return Ok(resp),
             }
         }
     }
 
-    async fn raw(&self, method: Method, url: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+    async fn raw(&self, i: usize, method: Method, url: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
         let name = self.upstream.name.as_str();
-        if self.upstream.offline {
-            return Err(UpstreamError::Offline);
-        }
-        let gate = self.breaker.gate();
+        let (breaker, budget) = (&self.health[i].breaker, &self.health[i].budget);
+        let gate = breaker.gate();
         if let health::Gate::Refuse { retry_in } = gate {
             metrics::UPSTREAM_REQUESTS.with_label_values(&[name, "refused"]).inc();
             return Err(UpstreamError::CircuitOpen(retry_in));
         }
-        let mut guard = ProbeGuard { breaker: &self.breaker, gate, settled: false };
+        let mut guard = ProbeGuard { breaker, gate, settled: false };
         let started = Instant::now();
         let fut = self.http.request(method, url).headers(headers).send();
         let res = tokio::time::timeout(self.upstream.timeout, fut).await;
@@ -376,9 +443,9 @@ impl Client {
             _ => true,
         };
         if failed {
-            self.breaker.failed();
+            breaker.failed();
         } else {
-            self.breaker.succeeded();
+            breaker.succeeded();
         }
         metrics::UPSTREAM_STATE.with_label_values(&[name]).set(self.breaker.state());
         metrics::UPSTREAM_DURATION.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
@@ -395,22 +462,21 @@ impl Client {
         };
         metrics::UPSTREAM_REQUESTS.with_label_values(&[name, resp.status().as_str()]).inc();
         let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok());
-        self.budget.observe(header("ratelimit-limit"), header("ratelimit-remaining"));
+        budget.observe(header("ratelimit-limit"), header("ratelimit-remaining"));
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            self.budget.refused(header("retry-after").and_then(|v| v.trim().parse().ok()).map(Duration::from_secs));
+            budget.refused(header("retry-after").and_then(|v| v.trim().parse().ok()).map(Duration::from_secs));
         }
-        if let Some(rem) = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()) {
-            if let Ok(n) = rem.split(';').next().unwrap_or("").trim().parse::<i64>() {
-                metrics::RATELIMIT_REMAINING.with_label_values(&[name]).set(n);
-            }
+        if let Some(n) = self.budget.remaining() {
+            metrics::RATELIMIT_REMAINING.with_label_values(&[name]).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         Ok(resp)
     }
 
-    async fn fetch_token(&self, realm: &str, service: Option<&str>, want: &str, key: &str) -> Result<(), UpstreamError> {
-        let claim = TokenLockClaim::new(&self.token_locks, key);
+    async fn fetch_token(&self, i: usize, realm: &str, service: Option<&str>, want: &str, key: &str) -> Result<(), UpstreamError> {
+        let ep = &self.endpoints[i];
+        let claim = TokenLockClaim::new(&ep.token_locks, key);
         let _guard = claim.lock.lock().await;
-        if self.cached_token(key).is_some() {
+        if ep.cached_token(key).is_some() {
             // Someone else fetched it while we waited.
             return Ok(());
         }
@@ -423,12 +489,12 @@ impl Client {
             q.append_pair("scope", want);
         }
         let mut headers = HeaderMap::new();
-        // Credentials go to the token realm only when it is the upstream's own realm as
-        // announced in its challenge (Docker Hub's auth.docker.io, GHCR's ghcr.io/token).
-        if let Some(b) = self.basic_header() {
+        // Credentials go to the token realm only when it is the URL's own realm as announced in
+        // its challenge (Docker Hub's auth.docker.io, GHCR's ghcr.io/token).
+        if let Some(b) = ep.basic_header() {
             headers.insert(AUTHORIZATION, b);
         }
-        let resp = self.raw(Method::GET, url.as_str(), headers).await?;
+        let resp = self.raw(i, Method::GET, url.as_str(), headers).await?;
         if !resp.status().is_success() {
             let s = resp.status().as_u16();
             return Err(UpstreamError::Status(s, format!("token endpoint answered {s}")));
@@ -445,7 +511,7 @@ impl Client {
         let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Status(502, "token response has no token".into()))?;
         let life = t.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME).min(MAX_TOKEN_LIFETIME);
         let expires = Instant::now() + life.saturating_sub(TOKEN_MARGIN).max(Duration::from_secs(1));
-        self.tokens.insert(key.to_string(), Token { value, expires });
+        ep.tokens.insert(key.to_string(), Token { value, expires });
         Ok(())
     }
 }
@@ -472,12 +538,12 @@ mod tests {
         Arc::new(Upstream {
             name: "test".into(),
             url: url::Url::parse(url).unwrap(),
+            urls: vec![crate::config::UpstreamUrl { url: url::Url::parse(url).unwrap(), credentials: None }],
             aliases: vec![],
             default: false,
             tag_ttl: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
-            credentials: None,
             stale_after: Duration::from_secs(2),
             ratelimit_reserve: 0.1,
             offline: false,
@@ -574,9 +640,9 @@ mod tests {
         let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
         let realm = serve_once(head.leak(), body.to_vec(), false).await + "/token";
         let client = Client::new(upstream("http://127.0.0.1:9"));
-        client.fetch_token(&realm, Some("svc"), "repository:a:pull", "repository:a:pull").await.unwrap();
-        assert_eq!(client.cached_token("repository:a:pull").as_deref(), Some("t-1"));
-        assert!(client.token_locks.lock().is_empty());
+        client.fetch_token(0, &realm, Some("svc"), "repository:a:pull", "repository:a:pull").await.unwrap();
+        assert_eq!(client.endpoints[0].cached_token("repository:a:pull").as_deref(), Some("t-1"));
+        assert!(client.endpoints[0].token_locks.lock().is_empty());
     }
 
     #[tokio::test]
@@ -592,13 +658,13 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let client = Client::new(upstream("http://127.0.0.1:9"));
-        let mut fetch = Box::pin(client.fetch_token(&realm, None, "repository:a:pull", "repository:a:pull"));
+        let mut fetch = Box::pin(client.fetch_token(0, &realm, None, "repository:a:pull", "repository:a:pull"));
         tokio::select! {
             r = &mut fetch => panic!("the realm never answers: {r:?}"),
             _ = request_taken => {}
         }
-        assert_eq!(client.token_locks.lock().len(), 1, "the fetch in flight holds its lock");
+        assert_eq!(client.endpoints[0].token_locks.lock().len(), 1, "the fetch in flight holds its lock");
         drop(fetch);
-        assert!(client.token_locks.lock().is_empty());
+        assert!(client.endpoints[0].token_locks.lock().is_empty());
     }
 }

@@ -21,6 +21,8 @@ pub enum Fault {
     StallMidBlob,
     /// Every request answers this status.
     Status(u16),
+    /// Every request is read and never answered.
+    Hang,
 }
 
 #[derive(Default)]
@@ -33,6 +35,9 @@ pub struct State {
     /// Pause between 1 MiB pieces of a blob body.
     pub blob_piece_delay: Option<Duration>,
     pub require_token: bool,
+    /// Requests must carry Basic credentials for this "user:password"; others get a Basic
+    /// challenge.
+    pub require_basic: Option<String>,
     /// Manifests go out with chunked transfer encoding and no Content-Length, so only the bytes
     /// received tell their size.
     pub chunked_manifests: bool,
@@ -211,11 +216,33 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
         } else {
             "other"
         };
-        let (fault, require_token, delay, chunked) = {
+        let (fault, require_token, delay, chunked, basic) = {
             let mut s = state.lock().unwrap();
             *s.counts.entry(format!("{method} {kind}")).or_default() += 1;
-            (s.fault.clone(), s.require_token, s.blob_piece_delay, s.chunked_manifests)
+            (s.fault.clone(), s.require_token, s.blob_piece_delay, s.chunked_manifests, s.require_basic.clone())
         };
+        if fault == Some(Fault::Hang) {
+            // The fault itself: an upstream that takes requests and never answers.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            return Ok(());
+        }
+        if let Some(creds) = basic {
+            use base64::Engine;
+            let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(creds));
+            if headers.get("authorization") != Some(&want) {
+                *state.lock().unwrap().counts.entry("unauthorized".into()).or_default() += 1;
+                let challenge = "Basic realm=\"fake\"".to_string();
+                respond(
+                    &mut sock,
+                    401,
+                    &[("WWW-Authenticate", challenge)],
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"basic"}]}"#,
+                    head,
+                )
+                .await?;
+                continue;
+            }
+        }
         if kind == "token" {
             let n = state.lock().unwrap().counts.get("GET token").copied().unwrap_or(0);
             respond(
