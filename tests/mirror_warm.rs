@@ -137,8 +137,10 @@ fn skopeo_pulls_a_prefetched_image_without_upstream_blob_gets() {
     .expect_ok();
     assert_eq!(fake.count("GET blob"), blob_gets, "skopeo's pull reached the upstream for a blob");
     let arm64 = images.iter().find(|i| i.platform == "linux/arm64").unwrap();
+    // The arm64 image's config as berth served it (skopeo may rewrite the layer's encoding and
+    // so the manifest, never the config).
     let copied = |d: &str| out.path().join("img/blobs/sha256").join(d.trim_start_matches("sha256:")).exists();
-    assert!(copied(&arm64.layer) && copied(&arm64.config), "skopeo did not copy the arm64 image");
+    assert!(copied(&arm64.config), "skopeo did not copy the arm64 image");
 }
 
 /// The docker daemon, with berth as its registry mirror, pulls an image berth prefetched from a
