@@ -150,7 +150,9 @@ fn main() {
     let mode = Arc::new(AtomicU8::new(UP));
     let front = rt.block_on(switch(upstream.port, mode.clone()));
     let front_url = format!("http://127.0.0.1:{front}");
-    let berth = Berth::start(&format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{front_url}\"\ndefault = true\ntag_ttl = \"1s\"\n"));
+    let berth = Berth::start(&format!(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"{front_url}\"\ndefault = true\ntag_ttl = \"1s\"\nwatch_window = \"0s\"\n"
+    ));
     let dist = Registry::start(Options { proxy: Some(front_url.clone()), ..Default::default() });
     let peers = [
         ("berth", format!("{}/v2/library/app/manifests/1", berth.url())),

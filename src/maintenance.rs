@@ -1,5 +1,6 @@
 //! In-server housekeeping on a schedule: upload sessions past `upload_ttl` are removed, and
-//! retention plus garbage collection run every `gc_interval`.
+//! retention plus garbage collection run every `gc_interval`. Prefetching and the checks of
+//! watched tags run beside it, in tasks of their own.
 
 use crate::registry::Registry;
 use async_trait::async_trait;
@@ -39,6 +40,7 @@ impl Maintenance {
 #[async_trait]
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        crate::registry::warm::start(&self.registry.mirror, shutdown.clone());
         let storage = &self.registry.config.storage;
         // Often enough that an expired upload or a due GC is never late by more than a tick.
         let tick = storage.upload_ttl.min(storage.gc_interval).min(Duration::from_secs(60)).max(Duration::from_millis(200)) / 2;

@@ -95,6 +95,38 @@ pub static PULLS_SAVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .unwrap()
 });
+pub static PREFETCH_IMAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_prefetch_images_total",
+        "Prefetched images (tags) by upstream and result: ok, failed (retried with backoff), paused (pull budget at its reserve)",
+        &["upstream", "result"]
+    )
+    .unwrap()
+});
+pub static PREFETCH_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_prefetch_bytes_total", "Blob bytes prefetching fetched from upstream", &["upstream"]).unwrap()
+});
+pub static PREFETCH_LAST_RUN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "berth_prefetch_last_run_timestamp_seconds",
+        "When the last prefetch run that fetched every image ended (Unix time; 0: none yet)",
+        &["upstream"]
+    )
+    .unwrap()
+});
+pub static WATCHED_TAGS: LazyLock<IntGauge> =
+    LazyLock::new(|| register_int_gauge!("berth_watched_tags", "Pulled tags checked at their TTL (within watch_window)").unwrap());
+pub static WATCH_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "berth_watch_refreshes_total",
+        "Watched tags the upstream moved, by result: warmed (new content fetched), failed, paused (pull budget at its reserve)",
+        &["upstream", "result"]
+    )
+    .unwrap()
+});
+pub static WATCH_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("berth_watch_bytes_total", "Blob bytes fetched for watched tags that moved upstream", &["upstream"]).unwrap()
+});
 pub static STORAGE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_storage_requests_total", "Object storage (S3) requests, by operation and result", &["op", "result"])
         .unwrap()
@@ -168,6 +200,15 @@ pub fn init(upstreams: &[String]) {
         UPSTREAM_STATE.with_label_values(&[u]).set(0);
         PULLS_SPENT.with_label_values(&[u]);
         PULLS_SAVED.with_label_values(&[u]);
+        for r in ["ok", "failed", "paused"] {
+            PREFETCH_IMAGES.with_label_values(&[u.as_str(), r]);
+        }
+        for r in ["warmed", "failed", "paused"] {
+            WATCH_REFRESHES.with_label_values(&[u.as_str(), r]);
+        }
+        PREFETCH_BYTES.with_label_values(&[u]);
+        PREFETCH_LAST_RUN.with_label_values(&[u]).set(0);
+        WATCH_BYTES.with_label_values(&[u]);
         // The codes the dashboard's upstream panels select: success, rate limiting, and the two
         // failures that carry no status. Other statuses appear when an upstream first sends them.
         for code in UPSTREAM_CODES_AT_START {
@@ -177,6 +218,7 @@ pub fn init(upstreams: &[String]) {
         // read as "no pulls left", and many upstreams never announce a limit at all.
     }
     LazyLock::force(&FILLS_IN_FLIGHT);
+    LazyLock::force(&WATCHED_TAGS);
     LazyLock::force(&FILLS_UNCACHED);
     LazyLock::force(&UPLOADS_IN_PROGRESS);
     HTTP_REQUESTS.with_label_values(&["GET", "base", "200"]);

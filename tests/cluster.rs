@@ -221,7 +221,8 @@ fn a_tag_is_fetched_and_checked_by_its_owner_only() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let fake = Fake::start();
     let (md, _, _) = fake.add_image("library/app", "1.0", b"layer of a mirrored image");
-    let extra = upstream(&fake) + "tag_ttl = \"1s\"\n";
+    // Watching is off: this counts the checks that pulls make.
+    let extra = upstream(&fake) + "tag_ttl = \"1s\"\nwatch_window = \"0s\"\n";
     let Some(c) = Nodes::start(3, "", &extra) else { return };
     let http = client();
     let pull = |node: usize| {

@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
+/// Watching is off: these tests count the checks that pulls make.
 fn config(fake: &Fake, extra: &str) -> String {
-    format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\ntag_ttl = \"1s\"\n{extra}\n", fake.url())
+    format!(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\ntag_ttl = \"1s\"\nwatch_window = \"0s\"\n{extra}\n",
+        fake.url()
+    )
 }
 
 fn client() -> Client {

@@ -282,6 +282,18 @@ struct UpstreamFile {
     ratelimit_reserve: Option<Reserve>,
     #[serde(default)]
     offline: bool,
+    #[serde(default)]
+    prefetch: Vec<String>,
+    #[serde(default)]
+    prefetch_platforms: Vec<String>,
+    #[serde(default)]
+    pin: bool,
+    #[serde(default = "default_watch_window", with = "humantime_serde")]
+    watch_window: Duration,
+}
+
+fn default_watch_window() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 /// One of `urls`: a plain URL (sent the upstream's own `username`/`password_file`, if any), or a
@@ -516,6 +528,61 @@ pub struct Upstream {
     pub ratelimit_reserve: f64,
     /// Never contacted: what berth has cached is served as it is (an air-gapped site).
     pub offline: bool,
+    /// What is kept warm: `prefetch`, `prefetch_platforms`, `pin`, `watch_window`.
+    pub warm: Warm,
+}
+
+/// An upstream's `prefetch`, `prefetch_platforms`, `pin` and `watch_window`, validated.
+#[derive(Debug, Clone)]
+pub struct Warm {
+    /// Repositories and tag patterns fetched at start and every `tag_ttl`.
+    pub prefetch: Vec<PrefetchRef>,
+    /// The platforms of an index that are prefetched; empty: all of them.
+    pub platforms: Vec<crate::registry::warm::Platform>,
+    /// Prefetched content is never evicted.
+    pub pin: bool,
+    /// Tags pulled within this are checked at their TTL and, when moved, fetched again for the
+    /// platforms pulled before. Zero: no watching.
+    pub watch_window: Duration,
+}
+
+impl Default for Warm {
+    fn default() -> Self {
+        Warm { prefetch: Vec::new(), platforms: Vec::new(), pin: false, watch_window: default_watch_window() }
+    }
+}
+
+/// One `prefetch` entry: a repository and a tag or a glob over its tags (`3.*`).
+#[derive(Debug, Clone)]
+pub struct PrefetchRef {
+    pub repo: RepoName,
+    pub tag: glob::Pattern,
+}
+
+impl PrefetchRef {
+    /// `repo:tag`, where the tag may be a glob (`*`, `?`, `[...]`).
+    pub fn parse(s: &str) -> Result<PrefetchRef, String> {
+        let (repo, tag) = match s.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, t),
+            _ => return Err(format!("{s:?}: name a tag or a tag pattern, as in \"library/nginx:1.27\" or \"library/alpine:3.*\"")),
+        };
+        let repo = RepoName::parse(repo).map_err(|e| format!("{s:?}: {}", e.message))?;
+        if tag.is_empty() || tag.len() > 128 {
+            return Err(format!("{s:?}: the tag is empty or longer than 128 characters"));
+        }
+        let pattern = glob::Pattern::new(tag).map_err(|e| format!("{s:?}: {e}"))?;
+        let r = PrefetchRef { repo, tag: pattern };
+        if r.exact_tag().is_some() && crate::oci::Tag::parse(tag).is_none() {
+            return Err(format!("{s:?}: {tag:?} is neither a tag nor a pattern"));
+        }
+        Ok(r)
+    }
+
+    /// A plain tag, not a pattern: resolved without listing the repository's tags.
+    pub fn exact_tag(&self) -> Option<&str> {
+        let t = self.tag.as_str();
+        (!t.contains(['*', '?', '['])).then_some(t)
+    }
 }
 
 impl Upstream {
@@ -697,6 +764,15 @@ impl Config {
             if !(0.0..=1.0).contains(&ratelimit_reserve) {
                 return Err(invalid(key("ratelimit_reserve"), "must be between 0 and 100%"));
             }
+            let prefetch =
+                u.prefetch.iter().map(|p| PrefetchRef::parse(p)).collect::<Result<Vec<_>, _>>().map_err(|e| invalid(key("prefetch"), e))?;
+            let platforms = u
+                .prefetch_platforms
+                .iter()
+                .map(|p| crate::registry::warm::Platform::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(key("prefetch_platforms"), e))?;
+            let warm = Warm { prefetch, platforms, pin: u.pin, watch_window: u.watch_window };
             upstreams.push(Upstream {
                 name: u.name,
                 url: urls[0].url.clone(),
@@ -709,6 +785,7 @@ impl Config {
                 stale_after: u.stale_after,
                 ratelimit_reserve,
                 offline: u.offline,
+                warm,
             });
         }
         for n in &namespaces {
@@ -1147,5 +1224,37 @@ mod tests {
         assert!(e.contains("upstream[0].urls[1]"), "{e}");
         let e = err("[[upstream]]\nname = \"a\"\nurls = [{ url = \"http://x\", username = \"u\" }]\n");
         assert!(e.contains("upstream[0].urls[0].username"), "{e}");
+    }
+
+    #[test]
+    fn upstream_warm_settings() {
+        let up = |extra: &str| format!("[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:1\"\n{extra}");
+        let w = Config::parse(&up(""), "t").unwrap().upstreams[0].warm.clone();
+        assert!(w.prefetch.is_empty() && w.platforms.is_empty() && !w.pin);
+        assert_eq!(w.watch_window, Duration::from_secs(7 * 24 * 3600));
+        let c = Config::parse(
+            &up("prefetch = [\"library/nginx:1.27\", \"library/alpine:3.*\", \"localhost/x/y:[ab]*\"]\nprefetch_platforms = [\"linux/amd64\", \"linux/arm/v7\"]\npin = true\nwatch_window = \"0s\"\n"),
+            "t",
+        )
+        .unwrap();
+        let w = &c.upstreams[0].warm;
+        assert_eq!(w.prefetch[0].repo.as_str(), "library/nginx");
+        assert_eq!(w.prefetch[0].exact_tag(), Some("1.27"));
+        assert_eq!(w.prefetch[1].exact_tag(), None);
+        assert!(w.prefetch[1].tag.matches("3.20") && !w.prefetch[1].tag.matches("4.0"));
+        assert_eq!(w.prefetch[2].repo.as_str(), "localhost/x/y");
+        assert_eq!(w.platforms.len(), 2);
+        assert!(w.pin && w.watch_window.is_zero());
+        for (bad, key) in [
+            ("prefetch = [\"library/nginx\"]", "upstream[0].prefetch"),
+            ("prefetch = [\"Library/nginx:1\"]", "upstream[0].prefetch"),
+            ("prefetch = [\"library/nginx:.bad\"]", "upstream[0].prefetch"),
+            ("prefetch = [\"library/nginx:[\"]", "upstream[0].prefetch"),
+            ("prefetch_platforms = [\"amd64\"]", "upstream[0].prefetch_platforms"),
+            ("watch_window = \"soon\"", "watch_window"),
+        ] {
+            let e = Config::parse(&up(&format!("{bad}\n")), "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 }

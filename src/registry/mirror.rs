@@ -62,18 +62,20 @@ impl<T: Clone + Send + Sync + 'static> Coalesced<T> {
 pub struct Mirror {
     upstreams: Vec<Arc<Upstream>>,
     clients: HashMap<String, Arc<Client>>,
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     pub fills: Arc<Fills>,
     /// When each cached tag was last confirmed upstream ("<store repo>:<tag>").
     tag_checked: moka::sync::Cache<String, Instant>,
     /// Manifest fetches in flight, shared by concurrent requests.
     manifest_fetches: Coalesced<Result<(Digest, ManifestMeta, Bytes), OciError>>,
     /// With `[cluster]`: cold blobs and tag checks go to their owner.
-    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    pub(super) cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// Tag checks in flight ("<store repo>:<tag>"), shared by concurrent requests.
     revalidations: Coalesced<Revalidated>,
     /// Questions to a reference's owner in flight, shared by concurrent requests.
     owner_asks: Coalesced<Result<OwnerAnswer, String>>,
+    /// Tags clients pulled, checked in the background (see `warm`).
+    pub(super) watch: super::warm::Watch,
 }
 
 /// What a manifest's owner answered.
@@ -162,6 +164,7 @@ impl Mirror {
             cluster: std::sync::OnceLock::new(),
             revalidations: Coalesced::new(),
             owner_asks: Coalesced::new(),
+            watch: Default::default(),
         })
     }
 
@@ -264,7 +267,11 @@ impl Mirror {
         self.upstreams.iter().find(|u| u.default).cloned()
     }
 
-    fn client(&self, u: &Upstream) -> Arc<Client> {
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    pub(super) fn client(&self, u: &Upstream) -> Arc<Client> {
         self.clients.get(&u.name).expect("every upstream has a client").clone()
     }
 
@@ -272,13 +279,19 @@ impl Mirror {
         &self,
         req: &Request<'_>,
         ep: &Endpoint,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         repo: &RepoName,
         outcome: &mut Outcome,
     ) -> Result<Response, OciError> {
         let key = format!("{}/{}", upstream.name, repo);
         match ep {
-            Endpoint::Manifest { reference, .. } => self.manifest(req, upstream, repo, &key, reference, outcome).await,
+            Endpoint::Manifest { reference, .. } => {
+                let r = self.manifest(req, upstream, repo, &key, reference, outcome).await;
+                if let Ok(resp) = &r {
+                    self.watch.pulled(req, upstream, repo, &key, reference, resp);
+                }
+                r
+            }
             Endpoint::Blob { digest, .. } => self.blob(req, upstream, repo, &key, digest, outcome).await,
             Endpoint::TagsList { .. } => self.tags(req, upstream, repo, &key).await,
             Endpoint::Referrers { digest, .. } => self.referrers(upstream, repo, &key, digest).await,
@@ -291,7 +304,7 @@ impl Mirror {
 
     // ---- manifests ----
 
-    async fn manifest(
+    pub(super) async fn manifest(
         &self,
         req: &Request<'_>,
         upstream: &Upstream,
@@ -432,7 +445,7 @@ impl Mirror {
 
     // ---- blobs ----
 
-    async fn blob(
+    pub(super) async fn blob(
         &self,
         req: &Request<'_>,
         upstream: &Upstream,
@@ -661,7 +674,7 @@ impl Mirror {
 /// The target of the first link with relation type `next` among an upstream's `Link` values:
 /// one header may carry several links and a response several headers, `rel` may be quoted or
 /// not and list several types. A value that does not parse as RFC 8288 is skipped.
-fn next_link<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub(super) fn next_link<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<String> {
     type ParseError<'s> = nom_language::error::VerboseError<&'s str>;
     let is_next = |l: &nom_rfc8288::complete::LinkData<'_>| {
         l.params.iter().any(|p| {

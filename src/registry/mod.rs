@@ -11,6 +11,7 @@ mod response;
 mod serve;
 mod store_error;
 mod token;
+pub mod warm;
 
 pub use response::{Body, Response};
 

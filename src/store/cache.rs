@@ -3,12 +3,16 @@
 //! hold open file handles, so removing a file never cuts a transfer in progress; fills only
 //! enter the accounting once committed. Eviction runs on a blocking thread, one pass at a
 //! time, never on the request that pushed the cache over its bound.
+//!
+//! Pinned digests (an upstream's prefetched content with `pin = true`) count against the
+//! bound but are kept out of the recency order, so eviction never reaches them. Pins live in
+//! memory: prefetching sets them again after every start.
 
 use super::error::Result;
 use super::Store;
 use crate::oci::Digest;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -28,8 +32,20 @@ impl Default for Lru {
 struct LruInner {
     entries: HashMap<Digest, (u64, u64)>,
     order: BTreeMap<u64, Digest>,
+    /// Bytes of everything accounted, pinned included.
     bytes: u64,
     tick: u64,
+    /// What eviction must not remove, whether accounted yet or not.
+    pins: HashSet<Digest>,
+    /// Accounted pinned digests and their sizes: outside `order`.
+    pinned: HashMap<Digest, u64>,
+}
+
+impl LruInner {
+    fn next_tick(&mut self) -> u64 {
+        self.tick = self.tick.max(LIVE_TICKS) + 1;
+        self.tick
+    }
 }
 
 /// Live uses count from here; entries seeded from the records at start-up sit below, so they
@@ -41,7 +57,12 @@ impl Lru {
     /// used live meanwhile.
     fn seed(&self, d: &Digest, size: u64, ordinal: u64) {
         let mut g = self.inner.lock();
-        if g.entries.contains_key(d) {
+        if g.entries.contains_key(d) || g.pinned.contains_key(d) {
+            return;
+        }
+        if g.pins.contains(d) {
+            g.pinned.insert(d.clone(), size);
+            g.bytes += size;
             return;
         }
         let mut tick = ordinal.min(LIVE_TICKS - 1);
@@ -57,8 +78,14 @@ impl Lru {
 
     fn touch(&self, d: &Digest, size: u64) {
         let mut g = self.inner.lock();
-        g.tick = g.tick.max(LIVE_TICKS) + 1;
-        let tick = g.tick;
+        if g.pins.contains(d) {
+            if let Some(old) = g.pinned.insert(d.clone(), size) {
+                g.bytes -= old;
+            }
+            g.bytes += size;
+            return;
+        }
+        let tick = g.next_tick();
         if let Some((old_size, old_tick)) = g.entries.insert(d.clone(), (size, tick)) {
             g.order.remove(&old_tick);
             g.bytes -= old_size;
@@ -73,6 +100,37 @@ impl Lru {
             g.order.remove(&tick);
             g.bytes -= size;
         }
+        if let Some(size) = g.pinned.remove(d) {
+            g.bytes -= size;
+        }
+    }
+
+    /// Replaces the pinned set: newly pinned digests leave the recency order, unpinned ones
+    /// enter it as just used (they were kept on purpose until now).
+    fn set_pins(&self, pins: HashSet<Digest>) {
+        let mut g = self.inner.lock();
+        let unpinned: Vec<Digest> = g.pinned.keys().filter(|d| !pins.contains(*d)).cloned().collect();
+        for d in unpinned {
+            let size = g.pinned.remove(&d).unwrap_or(0);
+            let tick = g.next_tick();
+            g.entries.insert(d.clone(), (size, tick));
+            g.order.insert(tick, d);
+        }
+        for d in &pins {
+            if let Some((size, tick)) = g.entries.remove(d) {
+                g.order.remove(&tick);
+                g.pinned.insert(d.clone(), size);
+            }
+        }
+        g.pins = pins;
+    }
+
+    fn pinned_bytes(&self) -> u64 {
+        self.inner.lock().pinned.values().sum()
+    }
+
+    fn is_pinned(&self, d: &Digest) -> bool {
+        self.inner.lock().pins.contains(d)
     }
 
     fn bytes(&self) -> u64 {
@@ -195,6 +253,19 @@ impl Store {
         self.lru.bytes()
     }
 
+    /// Sets what `owner` (an upstream's prefetch) keeps from eviction, replacing what it kept
+    /// before; the store keeps the union over owners.
+    pub fn set_pins(&self, owner: &str, digests: HashSet<Digest>) {
+        let mut all = self.pins.lock();
+        all.insert(owner.to_string(), digests);
+        self.lru.set_pins(all.values().flatten().cloned().collect());
+    }
+
+    /// Accounted bytes eviction leaves alone.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.lru.pinned_bytes()
+    }
+
     /// Evicts least recently used mirrored content until the cache is within `max` bytes.
     /// Returns the bytes freed. Blocking.
     pub fn enforce_cache_bound(&self, max: u64) -> Result<u64> {
@@ -204,6 +275,11 @@ impl Store {
             self.lru.remove(&d);
             let _g = self.stripe(&d).lock();
             if self.hosted_holds(&d)? {
+                continue;
+            }
+            if self.lru.is_pinned(&d) {
+                // Pinned since it was picked: accounted again, as pinned.
+                self.account(&d);
                 continue;
             }
             let size = self.blob_size(&d)?.unwrap_or(0);
@@ -277,5 +353,37 @@ mod tests {
         s.enforce_cache_bound(0).unwrap();
         assert!(s.tag_digest("docker.io/library/m", "v1").unwrap().is_none());
         assert!(s.meta().recount(false).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pinned_content_counts_but_is_never_evicted_until_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.set_classes(Classes { cache_roots: vec!["docker.io".into()], namespaces: vec![] }).unwrap();
+        s.set_cache_limit(Some(1 << 40)).unwrap();
+        s.rebuild_lru().unwrap();
+        let mut ds = Vec::new();
+        for i in 0..3u8 {
+            let d = Digest::sha256_of(&[i; 100]);
+            s.put_blob_bytes(Bytes::from(vec![i; 100]), &d).await.unwrap();
+            s.link_blob("docker.io/library/a", &d, None).await.unwrap();
+            s.cache_used(&d);
+            ds.push(d);
+        }
+        // The oldest is pinned: eviction takes the next ones instead, and stops when only
+        // pinned content is left, however far over the bound.
+        s.set_pins("docker.io", [ds[0].clone()].into());
+        assert_eq!((s.cache_bytes(), s.pinned_bytes()), (300, 100));
+        assert_eq!(s.enforce_cache_bound(150).unwrap(), 200);
+        assert!(s.blob_size(&ds[0]).unwrap().is_some());
+        assert!(s.blob_size(&ds[1]).unwrap().is_none() && s.blob_size(&ds[2]).unwrap().is_none());
+        assert_eq!(s.enforce_cache_bound(0).unwrap(), 0);
+        // A rebuilt order (a restart, a cluster's recount) keeps the pins.
+        s.rebuild_lru().unwrap();
+        assert_eq!(s.enforce_cache_bound(0).unwrap(), 0);
+        s.set_pins("docker.io", Default::default());
+        assert_eq!((s.cache_bytes(), s.pinned_bytes()), (100, 0));
+        assert_eq!(s.enforce_cache_bound(0).unwrap(), 100);
+        assert!(s.blob_size(&ds[0]).unwrap().is_none());
     }
 }

@@ -99,6 +99,8 @@ pub struct Store {
     journal: std::sync::OnceLock<Arc<s3::journal::JournalMeta>>,
     /// Whether this node enforces the cache bound (in a cluster, only the lease holder).
     evicts: std::sync::atomic::AtomicBool,
+    /// Digests kept from eviction, by who asked (an upstream's prefetch).
+    pins: Mutex<std::collections::HashMap<String, std::collections::HashSet<Digest>>>,
 }
 
 /// Tags and manifest records as the metadata store last said, for the hot read path (a
@@ -305,6 +307,7 @@ impl Store {
             bucket,
             journal: std::sync::OnceLock::new(),
             evicts: std::sync::atomic::AtomicBool::new(true),
+            pins: Mutex::default(),
         }))
     }
 

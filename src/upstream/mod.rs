@@ -547,6 +547,7 @@ mod tests {
             stale_after: Duration::from_secs(2),
             ratelimit_reserve: 0.1,
             offline: false,
+            warm: Default::default(),
         })
     }
 

@@ -1,6 +1,8 @@
 //! A hand-written fake upstream registry on loopback: serves manifests and blobs from memory,
-//! counts every request, can demand bearer tokens, and injects faults (wrong bytes, reset or
-//! stall mid-blob, error statuses). Stopping it closes the port, as a dead upstream does.
+//! counts every request (by kind, and by method and path), lists tags, can demand bearer tokens,
+//! and injects faults (wrong bytes, reset or stall mid-blob, error statuses). Tags move when an
+//! image or index is added under a tag again. Stopping it closes the port, as a dead upstream
+//! does.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -31,6 +33,8 @@ pub struct State {
     pub blobs: HashMap<String, Bytes>,
     /// "METHOD kind" -> count, kind in manifest|blob|token|tags|other.
     pub counts: HashMap<String, usize>,
+    /// "METHOD /v2/<path>" -> count.
+    pub paths: HashMap<String, usize>,
     pub fault: Option<Fault>,
     /// Pause between 1 MiB pieces of a blob body.
     pub blob_piece_delay: Option<Duration>,
@@ -120,6 +124,12 @@ impl Fake {
         self.state.lock().unwrap().counts.get(key).copied().unwrap_or(0)
     }
 
+    /// Requests with `method` whose path ends with `suffix` (a digest, `/tags/list`).
+    pub fn count_path(&self, method: &str, suffix: &str) -> usize {
+        let prefix = format!("{method} ");
+        self.state.lock().unwrap().paths.iter().filter(|(k, _)| k.starts_with(&prefix) && k.ends_with(suffix)).map(|(_, n)| n).sum()
+    }
+
     pub fn set_fault(&self, f: Fault) {
         self.state.lock().unwrap().fault = if f == Fault::None { None } else { Some(f) };
     }
@@ -156,6 +166,60 @@ impl Fake {
         );
         let md = self.add_manifest(repo, Some(tag), "application/vnd.oci.image.manifest.v1+json", manifest.as_bytes());
         (md, manifest.into_bytes(), ld)
+    }
+}
+
+/// One platform's image in an index the fake serves.
+#[derive(Clone, Debug)]
+pub struct PlatformImage {
+    pub platform: String,
+    pub manifest: String,
+    pub config: String,
+    pub layer: String,
+}
+
+impl PlatformImage {
+    /// The digests a pull of this platform fetches: manifest, config, layer.
+    pub fn digests(&self) -> [&str; 3] {
+        [&self.manifest, &self.config, &self.layer]
+    }
+}
+
+impl Fake {
+    /// An OCI index in `repo:tag` with a one-layer image per platform (`os/arch`), each layer
+    /// `label` and the platform. Returns the index digest and the images, in order.
+    pub fn add_index(&self, repo: &str, tag: &str, platforms: &[&str], label: &str) -> (String, Vec<PlatformImage>) {
+        let mut images = Vec::new();
+        let mut entries = Vec::new();
+        for p in platforms {
+            let (os, arch) = p.split_once('/').unwrap();
+            let layer = format!("{label} layer for {p}").into_bytes();
+            let config =
+                format!(r#"{{"architecture":"{arch}","os":"{os}","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, super::digest(&layer));
+            let cd = self.add_blob(config.as_bytes());
+            let ld = self.add_blob(&layer);
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+                config.len(),
+                layer.len()
+            );
+            let md = self.add_manifest(repo, None, "application/vnd.oci.image.manifest.v1+json", manifest.as_bytes());
+            entries.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": md,
+                "size": manifest.len(),
+                "platform": {"os": os, "architecture": arch},
+            }));
+            images.push(PlatformImage { platform: p.to_string(), manifest: md, config: cd, layer: ld });
+        }
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries,
+        }))
+        .unwrap();
+        let d = self.add_manifest(repo, Some(tag), "application/vnd.oci.image.index.v1+json", &index);
+        (d, images)
     }
 }
 
@@ -219,6 +283,7 @@ async fn conn(mut sock: TcpStream, state: Arc<Mutex<State>>, port: u16) -> std::
         let (fault, require_token, delay, chunked, basic) = {
             let mut s = state.lock().unwrap();
             *s.counts.entry(format!("{method} {kind}")).or_default() += 1;
+            *s.paths.entry(format!("{method} {path}")).or_default() += 1;
             (s.fault.clone(), s.require_token, s.blob_piece_delay, s.chunked_manifests, s.require_basic.clone())
         };
         if fault == Some(Fault::Hang) {
