@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod fill;
 pub mod http;
 pub mod maintenance;
