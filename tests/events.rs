@@ -396,3 +396,30 @@ fn audit_log_has_every_event_and_rotates_by_size() {
     sorted.sort_by_key(|t| t[1..].parse::<u32>().unwrap());
     assert_eq!(tags, sorted);
 }
+
+#[test]
+fn a_mirror_fill_of_a_new_tag_is_an_event() {
+    let fake = common::fake::Fake::start();
+    let (md, _, _) = fake.add_image("library/alpine", "3", b"a layer");
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::new();
+    let hook = webhook(dir.path(), &r.url(), "events = [\"mirror.filled\"]\n");
+    let b = Berth::start_in(dir, &format!("[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\n\n{hook}", fake.url()));
+    let c = client();
+    // The second pull is served from the cache: no new tag, no event.
+    for _ in 0..2 {
+        let resp = c.get(format!("{}/v2/docker.io/library/alpine/manifests/3", b.url())).header("Accept", OCI_MANIFEST).send().unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let done = common::eventually(Duration::from_secs(20), || {
+        let d = admin_json(&c, &b, "/events/deliveries");
+        d.as_array().unwrap().iter().all(|x| x["status"] == "delivered") && r.distinct() >= 1
+    });
+    assert!(done, "{}", admin_json(&c, &b, "/events/deliveries"));
+    assert_eq!(r.distinct(), 1);
+    let e = &r.of_type("mirror.filled")[0];
+    assert!(e["subject"].as_str().unwrap().ends_with("library/alpine"), "{e}");
+    assert_eq!(e["data"]["upstream"], "docker.io");
+    assert_eq!(e["data"]["tag"], "3");
+    assert_eq!(e["data"]["digest"], md.as_str());
+}

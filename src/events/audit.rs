@@ -87,10 +87,10 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let a = Audit::new(path.clone(), 100, 2);
         for i in 0..20 {
-            a.write(format!("{{\"n\":{i:03},\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}}").as_bytes()).unwrap();
+            a.write(format!("{{\"n\":\"{i:03}\",\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}}").as_bytes()).unwrap();
         }
         let cur = fs::read_to_string(&path).unwrap();
-        assert!(cur.len() <= 100 && cur.ends_with("\"n\":019,\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}\n"), "{cur}");
+        assert!(cur.len() <= 100 && cur.ends_with("\"n\":\"019\",\"pad\":\"xxxxxxxxxxxxxxxxxxxx\"}\n"), "{cur}");
         assert!(numbered(&path, 1).exists() && numbered(&path, 2).exists());
         assert!(!numbered(&path, 3).exists());
         for p in [path.clone(), numbered(&path, 1), numbered(&path, 2)] {
