@@ -192,7 +192,8 @@ pub trait BlobStore: Send + Sync {
     fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool>;
     /// The small objects under the folder `dir`, as names relative to it, in name order.
     fn objects(&self, dir: &str) -> Result<Vec<String>>;
-    /// Removes a small object; absent is not an error.
+    /// Removes a small object; absent is not an error. The removal may be undone by a crash
+    /// (callers must tolerate an object coming back).
     fn delete_object(&self, name: &str) -> Result<()>;
 
     /// Other processes (nodes on the same bucket) may append to the same upload sessions, so
