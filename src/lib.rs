@@ -20,6 +20,7 @@ pub mod auth;
 pub mod bundle;
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod fill;
 pub mod http;
 pub mod maintenance;

@@ -152,6 +152,17 @@ pub static HOT_TIER_BYTES: LazyLock<IntGauge> =
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("berth_connections_refused_total", "Connections answered 503 at a connection cap, by cap", &["cap"]).unwrap()
 });
+pub static WEBHOOK_DELIVERED: LazyLock<IntCounter> =
+    LazyLock::new(|| register_int_counter!("berth_webhook_delivered_total", "Events a webhook took (2xx)").unwrap());
+pub static WEBHOOK_RETRIED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("berth_webhook_retried_total", "Webhook deliveries that failed and are tried again later").unwrap()
+});
+pub static WEBHOOK_DEAD: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!("berth_webhook_dead_total", "Events a webhook did not take within its max_age, now dead letters").unwrap()
+});
+pub static WEBHOOK_QUEUE_AGE: LazyLock<prometheus::Gauge> = LazyLock::new(|| {
+    prometheus::register_gauge!("berth_webhook_queue_age_seconds", "Age of the oldest event this node has yet to deliver").unwrap()
+});
 pub static BUILD_INFO: LazyLock<IntGaugeVec> =
     LazyLock::new(|| register_int_gauge_vec!("berth_build_info", "berth version", &["version"]).unwrap());
 
@@ -221,6 +232,10 @@ pub fn init(upstreams: &[String]) {
     LazyLock::force(&WATCHED_TAGS);
     LazyLock::force(&FILLS_UNCACHED);
     LazyLock::force(&UPLOADS_IN_PROGRESS);
+    LazyLock::force(&WEBHOOK_DELIVERED);
+    LazyLock::force(&WEBHOOK_RETRIED);
+    LazyLock::force(&WEBHOOK_DEAD);
+    LazyLock::force(&WEBHOOK_QUEUE_AGE);
     HTTP_REQUESTS.with_label_values(&["GET", "base", "200"]);
     HTTP_DURATION.with_label_values(&["base"]);
 }

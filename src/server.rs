@@ -229,6 +229,7 @@ pub fn build(config: Config) -> Result<Built, StartError> {
         ReadinessProbe { health: health.clone(), plain, tls: config.tls.as_ref().map(|t| t.listen) },
     ));
     server.add_service(background_service("maintenance", crate::maintenance::Maintenance { registry: registry.clone() }));
+    server.add_service(background_service("events", crate::events::Sender(registry.events.clone())));
     server.add_service(background_service("drain", Drainer { health: health.clone(), in_flight, grace, registry: registry.clone() }));
     Ok(Built { server, registry, signals: Signals { health, grace } })
 }

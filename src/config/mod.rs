@@ -47,6 +47,10 @@ struct File {
     ui: UiFile,
     #[serde(default)]
     replication: Vec<ReplicationFile>,
+    #[serde(default)]
+    webhook: Vec<WebhookFile>,
+    #[serde(default)]
+    events: EventsFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +64,41 @@ struct ReplicationFile {
     password_file: Option<PathBuf>,
     #[serde(default)]
     delete: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookFile {
+    url: String,
+    events: Option<Vec<String>>,
+    namespaces: Option<Vec<String>>,
+    secret_file: PathBuf,
+    #[serde(default = "default_webhook_max_age", with = "humantime_serde")]
+    max_age: Duration,
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    timeout: Duration,
+}
+
+fn default_webhook_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EventsFile {
+    audit_file: Option<PathBuf>,
+    audit_max_size: bytesize::ByteSize,
+    audit_keep: usize,
+}
+
+impl Default for EventsFile {
+    fn default() -> Self {
+        EventsFile { audit_file: None, audit_max_size: bytesize::ByteSize::mib(100), audit_keep: 5 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +420,10 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[ui] enabled`: the web pages under `/ui/` on the registry listener.
     pub ui_enabled: bool,
+    /// `[[webhook]]`: where events are delivered.
+    pub webhooks: Vec<Webhook>,
+    /// `[events]`: the audit log.
+    pub events: EventsConfig,
     /// `[[replication]]` rules, in file order (`berth replicate --rule N` counts from 0).
     pub replication: Vec<Replication>,
 }
@@ -416,6 +459,33 @@ impl Replication {
     pub fn target_name(&self, repo: &str) -> String {
         format!("{}{}", self.prefix, &repo[self.namespace.len()..])
     }
+}
+
+/// `[[webhook]]`, validated.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: url::Url,
+    /// Event names without `dev.berth.` (`manifest.pushed`); None: every event.
+    pub events: Option<Vec<String>>,
+    /// Repository prefixes; None: every repository.
+    pub namespaces: Option<Vec<String>>,
+    /// Signs each delivery (HMAC-SHA256 of the body).
+    pub secret: Secret,
+    /// An event not delivered within this long goes to the dead letters.
+    pub max_age: Duration,
+    /// One delivery attempt's bound.
+    pub timeout: Duration,
+}
+
+/// `[events]`, validated.
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    /// One JSON line per event; None: no audit log.
+    pub audit_file: Option<PathBuf>,
+    /// The audit file is rotated when it would grow past this.
+    pub audit_max_size: u64,
+    /// Rotated audit files kept (`<file>.1` is the newest).
+    pub audit_keep: usize,
 }
 
 /// `[cluster]`, validated.
@@ -912,6 +982,52 @@ impl Config {
             };
             replication.push(Replication { namespace: r.namespace, target, prefix, tags, credentials, delete: r.delete });
         }
+        let mut webhooks = Vec::new();
+        for (i, w) in f.webhook.into_iter().enumerate() {
+            let key = |k: &str| format!("webhook[{i}].{k}");
+            let url = url::Url::parse(&w.url).map_err(|e| invalid(key("url"), format!("{:?}: {e}", w.url)))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid(key("url"), format!("{:?} must be an http(s) URL with a host", w.url)));
+            }
+            if let Some(events) = &w.events {
+                for e in events {
+                    if !crate::events::KINDS.contains(&e.as_str()) {
+                        return Err(invalid(key("events"), format!("{e:?} is not one of {}", crate::events::KINDS.join(", "))));
+                    }
+                }
+            }
+            if let Some(ns) = &w.namespaces {
+                for n in ns {
+                    RepoName::parse(n).map_err(|e| invalid(key("namespaces"), format!("{n:?}: {}", e.message)))?;
+                }
+            }
+            let secret = std::fs::read_to_string(&w.secret_file)
+                .map_err(|e| invalid(key("secret_file"), format!("{}: {e}", w.secret_file.display())))?
+                .trim()
+                .to_string();
+            if secret.is_empty() {
+                return Err(invalid(key("secret_file"), "the secret is empty"));
+            }
+            if w.max_age.is_zero() || w.timeout.is_zero() {
+                return Err(invalid(key("max_age"), "max_age and timeout must be positive"));
+            }
+            webhooks.push(Webhook {
+                url,
+                events: w.events,
+                namespaces: w.namespaces,
+                secret: Secret::new(secret),
+                max_age: w.max_age,
+                timeout: w.timeout,
+            });
+        }
+        if f.events.audit_max_size.as_u64() < 4096 {
+            return Err(invalid("events.audit_max_size", "must be at least 4KiB"));
+        }
+        let events = EventsConfig {
+            audit_file: f.events.audit_file,
+            audit_max_size: f.events.audit_max_size.as_u64(),
+            audit_keep: f.events.audit_keep,
+        };
         if s3.is_none() && f.storage.hot_tier_bytes.is_some() {
             return Err(invalid("storage.hot_tier_bytes", "applies to [storage.s3] only (the local disk is the store otherwise)"));
         }
@@ -941,6 +1057,8 @@ impl Config {
             cluster,
             ui_enabled: f.ui.enabled,
             replication,
+            webhooks,
+            events,
         })
     }
 
@@ -1169,6 +1287,27 @@ mod tests {
         assert!(err(&good).contains("at least 16 characters"));
         std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
         assert!(err(&format!("{good}heartbeat = \"3s\"\n")).contains("cluster.member_timeout"));
+    }
+
+    #[test]
+    fn webhook_and_audit_settings_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("hook.secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let good = format!("[[webhook]]\nurl = \"https://ci.example.com/h\"\nsecret_file = \"{}\"\n", secret.display());
+        let c = Config::parse(&good, "t").unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!((w.secret.expose(), w.max_age, w.timeout), ("s3cret", Duration::from_secs(86400), Duration::from_secs(10)));
+        assert!(w.events.is_none() && w.namespaces.is_none());
+        assert_eq!((c.events.audit_file.as_deref(), c.events.audit_max_size, c.events.audit_keep), (None, 100 << 20, 5));
+        let err = |text: &str| Config::parse(text, "t").unwrap_err().to_string();
+        assert!(err(&good.replace("https://ci.example.com/h", "ftp://x")).contains("webhook[0].url"));
+        assert!(err(&format!("{good}events = [\"manifest.pushed\", \"pushed\"]\n")).contains("webhook[0].events"));
+        assert!(err(&format!("{good}namespaces = [\"Team\"]\n")).contains("webhook[0].namespaces"));
+        assert!(err(&format!("{good}max_age = \"0s\"\n")).contains("webhook[0].max_age"));
+        assert!(err(&good.replace(&secret.display().to_string(), "/nonexistent/secret")).contains("webhook[0].secret_file"));
+        assert!(err("[events]\naudit_max_size = \"1KiB\"\n").contains("events.audit_max_size"));
+        assert!(err("[events]\naudit = \"x\"\n").contains("audit"));
     }
 
     #[test]

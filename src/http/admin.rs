@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `POST /gc` (what `berth gc` calls
-//! so that collection runs under the server's own locks and index).
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /gc` (what `berth gc` calls
+//! so that collection runs under the server's own locks and index), and the webhooks'
+//! deliveries and dead letters (`/events/...`).
 //!
 //! It runs on a thread and runtime of its own, outside pingora's services: pingora stops every
 //! service's accept loop the moment a graceful shutdown starts, and `/readyz` has to keep
@@ -127,6 +128,33 @@ impl Admin {
                     }
                 }
             },
+            "/events/deliveries" | "/events/dead" if is_post => (405, "text/plain", "use GET\n".to_string()),
+            "/events/deliveries" => match &self.registry {
+                None => (503, "text/plain", "no registry\n".to_string()),
+                Some(reg) => (200, "application/json", serde_json::to_string_pretty(&reg.events.recent()).expect("deliveries serialize")),
+            },
+            "/events/dead" => match &self.registry {
+                None => (503, "text/plain", "no registry\n".to_string()),
+                Some(reg) => {
+                    let events = reg.events.clone();
+                    match crate::store::blocking(move || events.dead_letters()).await {
+                        Ok(d) => (200, "application/json", serde_json::to_string_pretty(&d).expect("dead letters serialize")),
+                        Err(e) => (503, "text/plain", format!("listing dead letters failed: {e}\n")),
+                    }
+                }
+            },
+            p if p.starts_with("/events/dead/") && p.ends_with("/replay") => {
+                let name = &p["/events/dead/".len()..p.len() - "/replay".len()];
+                match (&self.registry, is_post) {
+                    (_, false) => (405, "text/plain", "use POST\n".to_string()),
+                    (None, _) => (503, "text/plain", "no registry\n".to_string()),
+                    (Some(reg), true) => match reg.events.replay(name).await {
+                        Ok(true) => (200, "application/json", serde_json::json!({ "replayed": name }).to_string()),
+                        Ok(false) => (404, "text/plain", format!("no dead letter {name:?}\n")),
+                        Err(e) => (503, "text/plain", format!("replaying failed: {e}\n")),
+                    },
+                }
+            }
             "/metrics" => {
                 self.refresh_gauges().await;
                 (200, "text/plain; version=0.0.4", metrics::render())
@@ -153,6 +181,9 @@ impl Admin {
 
     /// Gauges read from the store's counters: O(1) whatever the store's size.
     async fn refresh_gauges(&self) {
+        if let Some(reg) = &self.registry {
+            metrics::WEBHOOK_QUEUE_AGE.set(reg.events.queue_age());
+        }
         metrics::UPLOADS_IN_PROGRESS.set(self.store.uploads.in_progress() as i64);
         if let Some(hot) = self.store.hot_tier_bytes() {
             metrics::HOT_TIER_BYTES.set(hot as i64);

@@ -1,6 +1,7 @@
 //! Hosted repositories: the full read/write distribution API over the store.
 
 use super::{serve, Request, RequestBody, Response};
+use crate::events::{About, Actor};
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::route::Endpoint;
 use crate::oci::{Algorithm, Digest, ErrorCode, OciError, Reference, RepoName, Tag};
@@ -16,6 +17,7 @@ pub async fn handle(
     ep: &Endpoint,
     repo: &RepoName,
     body: &mut dyn RequestBody,
+    actor: &Actor,
 ) -> Result<Response, OciError> {
     let store = &reg.store;
     let r = repo.as_str();
@@ -30,25 +32,35 @@ pub async fn handle(
                 let meta = store.manifest_meta(r, &d)?.ok_or_else(|| manifest_unknown(repo, reference))?;
                 serve::manifest(store, &d, &meta).await
             }
-            Method::PUT => put_manifest(reg, req, repo, reference, body).await,
+            Method::PUT => put_manifest(reg, req, repo, reference, body, actor).await,
             Method::DELETE => {
                 let immutable = reg.immutable_of(r);
-                let pointed = match reference {
-                    Reference::Tag(t) => store.tag_digest(r, t.as_str())?,
-                    Reference::Digest(d) => Some(d.clone()),
-                };
-                let found = match reference {
-                    Reference::Digest(d) => store.delete_manifest(r, d, immutable).await?,
-                    Reference::Tag(t) => store.delete_tag(r, t.as_str(), immutable(t.as_str())).await?,
+                let (found, about) = match reference {
+                    Reference::Digest(d) => {
+                        let tags = if reg.events.enabled() { tags_of(reg, r, d).await? } else { Vec::new() };
+                        let found = store.delete_manifest(r, d, immutable).await?;
+                        (found, ("manifest.deleted", Some(d.clone()), tags))
+                    }
+                    Reference::Tag(t) => {
+                        let was = store.tag_digest(r, t.as_str())?;
+                        let found = store.delete_tag(r, t.as_str(), immutable(t.as_str())).await?;
+                        (found, ("tag.deleted", was, vec![t.as_str().to_string()]))
+                    }
                 };
                 if !found {
                     return Err(manifest_unknown(repo, reference));
+                }
+                let about_digest = about.1.clone();
+                if reg.events.enabled() {
+                    let (kind, digest, tags) = about;
+                    let about = About { repository: r, tags: &tags, digest: digest.map(|d| d.to_string()), ..Default::default() };
+                    reg.events.emit(reg.events.event(kind, &about, actor), actor).await?;
                 }
                 let tag = match reference {
                     Reference::Tag(t) => Some(t.as_str()),
                     Reference::Digest(_) => None,
                 };
-                reg.replicate_deleted(r, &reference.to_string(), tag, pointed);
+                reg.replicate_deleted(r, &reference.to_string(), tag, about_digest);
                 Ok(Response::new(202))
             }
             _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
@@ -117,12 +129,19 @@ async fn read_limited(body: &mut dyn RequestBody, limit: usize) -> Result<Bytes,
     Ok(buf.freeze())
 }
 
+/// The tags pointing at a manifest (named in its deletion's event).
+async fn tags_of(reg: &Registry, repo: &str, d: &Digest) -> Result<Vec<String>, OciError> {
+    let (store, repo, d) = (reg.store.clone(), repo.to_string(), d.clone());
+    Ok(crate::store::blocking(move || store.tags_pointing_at(&repo, &d)).await?)
+}
+
 async fn put_manifest(
     reg: &Registry,
     req: &Request<'_>,
     repo: &RepoName,
     reference: &Reference,
     body: &mut dyn RequestBody,
+    actor: &Actor,
 ) -> Result<Response, OciError> {
     if declared_length(req).is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
         return Err(OciError::msg(ErrorCode::TooLarge, format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
@@ -166,19 +185,35 @@ async fn put_manifest(
     };
     // One transaction: the references are checked (and their grace refreshed, so GC cannot
     // take them), immutability and quota are checked, the manifest and its tags are written.
+    let platforms = if reg.events.enabled() { crate::events::platforms_of(&bytes) } else { Vec::new() };
+    let size = bytes.len() as u64;
+    let tag_names: Vec<String> = tags.iter().map(|t| t.as_str().to_string()).collect();
     store
         .put_manifest(
             r,
             &digest,
             bytes,
             meta,
-            tags.iter().map(|t| t.as_str().to_string()).collect(),
+            tag_names.clone(),
             TagExpect::Any,
             (info.blobs.clone(), children),
             reg.immutable_of(r),
             reg.quota_of(r),
         )
         .await?;
+    // Recorded before the client hears of the push: a push acknowledged is an event kept.
+    if reg.events.enabled() {
+        let about = About {
+            repository: r,
+            tags: &tag_names,
+            digest: Some(digest.to_string()),
+            media_type: Some(&info.media_type),
+            size: Some(size),
+            platforms,
+            upstream: None,
+        };
+        reg.events.emit(reg.events.event("manifest.pushed", &about, actor), actor).await?;
+    }
     let mut resp =
         Response::new(201).header("Location", format!("/v2/{repo}/manifests/{digest}")).header("Docker-Content-Digest", digest.to_string());
     if matches!(reference, Reference::Digest(_)) {

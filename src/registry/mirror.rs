@@ -76,6 +76,8 @@ pub struct Mirror {
     owner_asks: Coalesced<Result<OwnerAnswer, String>>,
     /// Tags clients pulled, checked in the background (see `warm`).
     pub(super) watch: super::warm::Watch,
+    /// Told of every fill of a tag that was not cached or pointed elsewhere.
+    events: std::sync::OnceLock<Arc<crate::events::Events>>,
 }
 
 /// What a manifest's owner answered.
@@ -165,7 +167,12 @@ impl Mirror {
             revalidations: Coalesced::new(),
             owner_asks: Coalesced::new(),
             watch: Default::default(),
+            events: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_events(&self, events: Arc<crate::events::Events>) {
+        let _ = self.events.set(events);
     }
 
     pub fn join(&self, cluster: Arc<crate::cluster::Cluster>) {
@@ -403,6 +410,7 @@ impl Mirror {
             key.to_string(),
             tag.to_string(),
             cached.clone(),
+            self.events.get().cloned(),
         );
         let (shared, started, _) = self.revalidations.run(format!("{key}:{tag}"), check.boxed(), |e| {
             Revalidated::Failed(UpstreamError::Unreachable(format!("tag check failed: {e}")))
@@ -434,7 +442,14 @@ impl Mirror {
         key: &str,
         reference: &Reference,
     ) -> Result<(Digest, ManifestMeta, Bytes, &'static str), OciError> {
-        let fetch = fetch_manifest(self.client(upstream), self.store.clone(), repo.clone(), key.to_string(), reference.clone());
+        let fetch = fetch_manifest(
+            self.client(upstream),
+            self.store.clone(),
+            repo.clone(),
+            key.to_string(),
+            reference.clone(),
+            self.events.get().cloned(),
+        );
         let (fut, _, joined) = self.manifest_fetches.run(format!("{key}@{reference}"), fetch.boxed(), |e| {
             Err(OciError::msg(ErrorCode::Internal, format!("manifest fetch failed: {e}")))
         });
@@ -704,6 +719,7 @@ fn next_page(target: &str, upstream: &url::Url, req: &Request<'_>) -> Option<Str
 
 /// HEAD (which Docker Hub does not count as a pull); when the tag moved, GET the new manifest
 /// unless the pull budget is at its reserve.
+#[allow(clippy::too_many_arguments)]
 async fn revalidate(
     client: Arc<Client>,
     store: Arc<Store>,
@@ -712,6 +728,7 @@ async fn revalidate(
     key: String,
     tag: String,
     cached: Digest,
+    events: Option<Arc<crate::events::Events>>,
 ) -> Revalidated {
     let tag_key = format!("{key}:{tag}");
     let path = format!("/v2/{repo}/manifests/{tag}");
@@ -746,7 +763,7 @@ async fn revalidate(
         Ok(r) => r,
         Err(e) => return Revalidated::Failed(UpstreamError::Status(400, e.message)),
     };
-    match fetch_manifest(client, store, repo, key, reference).await {
+    match fetch_manifest(client, store, repo, key, reference, events).await {
         Ok((d, meta, _)) => {
             tag_checked.insert(tag_key, Instant::now());
             Revalidated::Moved(d, meta)
@@ -761,6 +778,7 @@ async fn fetch_manifest(
     repo: RepoName,
     key: String,
     reference: Reference,
+    events: Option<Arc<crate::events::Events>>,
 ) -> Result<(Digest, ManifestMeta, Bytes), OciError> {
     let up = client.upstream.name.clone();
     if let Some(wait) = client.budget.exhausted() {
@@ -815,6 +833,11 @@ async fn fetch_manifest(
         Reference::Tag(t) => Some(t.as_str()),
         Reference::Digest(_) => None,
     };
+    let events = events.filter(|e| e.enabled());
+    let was = match (tag, &events) {
+        (Some(t), Some(_)) => store.tag_digest(&key, t)?,
+        _ => None,
+    };
     store
         .put_manifest(
             &key,
@@ -829,6 +852,22 @@ async fn fetch_manifest(
         )
         .await?;
     store.cache_filled(&actual).await;
+    if let (Some(events), Some(t)) = (events, tag) {
+        if was.as_ref() != Some(&actual) {
+            let tags = [t.to_string()];
+            let about = crate::events::About {
+                repository: &key,
+                tags: &tags,
+                digest: Some(actual.to_string()),
+                media_type: Some(&meta.media_type),
+                size: Some(meta.size),
+                platforms: crate::events::platforms_of(&bytes),
+                upstream: Some(&up),
+            };
+            let actor = crate::events::Actor::default();
+            events.emit_logged(events.event("mirror.filled", &about, &actor), &actor).await;
+        }
+    }
     Ok((actual, meta, bytes))
 }
 

@@ -95,6 +95,8 @@ pub struct Registry {
     pub pulls: pulls::Pulls,
     /// `[[replication]]`: pushes copied to other registries.
     pub replicator: Arc<crate::replicate::Replicator>,
+    /// Events: the webhooks' outbox and the audit log.
+    pub events: Arc<crate::events::Events>,
 }
 
 /// What the access log and metrics need to know about a handled request.
@@ -113,6 +115,8 @@ impl Registry {
     /// cannot take the configured grouping.
     pub fn new(config: Arc<Config>, store: Arc<Store>) -> Result<Arc<Registry>, String> {
         let mirror = mirror::Mirror::new(&config, store.clone());
+        let events = crate::events::Events::new(&config, store.clone());
+        mirror.set_events(events.clone());
         let classes = crate::store::Classes {
             cache_roots: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             namespaces: config.namespaces.iter().map(|n| n.prefix.clone()).collect(),
@@ -132,12 +136,14 @@ impl Registry {
             cluster: std::sync::OnceLock::new(),
             ui: Default::default(),
             pulls: Default::default(),
+            events,
         }))
     }
 
     /// Joins the registry (and its mirror) to a cluster; once, at start.
     pub fn join(&self, cluster: Arc<crate::cluster::Cluster>) {
         self.mirror.join(cluster.clone());
+        self.events.join(cluster.clone());
         let _ = self.cluster.set(cluster);
     }
 
@@ -181,7 +187,8 @@ impl Registry {
         let group = self.store.group_of(repo);
         let used = self.store.group_bytes(&group)?;
         let e =
-            OciError::msg(ErrorCode::Denied, format!("namespace {group} is at its {quota}-byte quota ({used} used); delete content first"));
+            OciError::msg(ErrorCode::Denied, format!("namespace {group} is at its {quota}-byte quota ({used} used); delete content first"))
+                .detail(serde_json::json!({"namespace": group, "quota": quota, "used": used}));
         Ok(Some((quota.saturating_sub(used), e)))
     }
 
@@ -213,7 +220,19 @@ impl Registry {
     pub async fn gc(&self, dry_run: bool) -> Result<crate::store::gc::GcReport, crate::store::StoreError> {
         let (config, store) = (self.config.clone(), self.store.clone());
         let policy_of: crate::store::gc::PolicyOf = Arc::new(move |repo: &str| policy_for(&config, &store, repo));
-        self.store.gc(policy_of, self.config.storage.gc_grace, dry_run).await
+        let report = self.store.gc(policy_of, self.config.storage.gc_grace, dry_run).await?;
+        if !dry_run {
+            let data = serde_json::json!({
+                "tagsRemoved": report.tags_removed.len(),
+                "manifestsRemoved": report.manifests_removed.len(),
+                "linksRemoved": report.links_removed,
+                "blobsRemoved": report.blobs_removed,
+                "bytesFreed": report.bytes_freed,
+            });
+            let ev = self.events.raw_event("gc.completed", None, data);
+            self.events.emit_logged(ev, &crate::events::Actor::default()).await;
+        }
+        Ok(report)
     }
 
     /// Decides where a repository named in a request lives, in the documented order:
@@ -344,7 +363,20 @@ impl Registry {
         match target {
             Target::Hosted(repo) => {
                 outcome.repository = Some(repo.to_string());
-                hosted::handle(self, req, ep, &repo, body).await
+                let actor = crate::events::Actor { user: outcome.user.clone(), client: req.client };
+                let r = hosted::handle(self, req, ep, &repo, body, &actor).await;
+                if let Err(e) = &r {
+                    if e.code == ErrorCode::Denied && e.detail.as_ref().is_some_and(|d| d.get("quota").is_some()) {
+                        let about = crate::events::About { repository: repo.as_str(), ..Default::default() };
+                        let mut ev = self.events.event("quota.refused", &about, &actor);
+                        if let (Some(data), Some(detail)) = (ev.data.as_object_mut(), &e.detail) {
+                            data.insert("reason".into(), e.message.clone().into());
+                            data.insert("quota".into(), detail.clone());
+                        }
+                        self.events.emit_logged(ev, &actor).await;
+                    }
+                }
+                r
             }
             Target::Mirror { upstream, repo } => {
                 outcome.repository = Some(format!("{}/{}", upstream.name, repo));

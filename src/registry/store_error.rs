@@ -12,7 +12,9 @@ impl From<StoreError> for OciError {
             StoreError::Io(_) | StoreError::Meta(_) => OciError::msg(ErrorCode::Internal, format!("storage error: {msg}")),
             StoreError::DigestMismatch { expected, actual } => OciError::msg(ErrorCode::DigestInvalid, msg)
                 .detail(serde_json::json!({"expected": expected.to_string(), "actual": actual.to_string()})),
-            StoreError::Immutable { .. } | StoreError::Quota { .. } => OciError::msg(ErrorCode::Denied, msg),
+            StoreError::Immutable { .. } => OciError::msg(ErrorCode::Denied, msg),
+            StoreError::Quota { namespace, would_use, quota } => OciError::msg(ErrorCode::Denied, msg)
+                .detail(serde_json::json!({"namespace": namespace, "quota": quota, "wouldUse": would_use})),
             // Another writer moved the tag between the caller's read and its write.
             StoreError::Conflict { .. } => OciError::msg(ErrorCode::TooManyRequests, format!("{msg}; retry")),
             StoreError::BlobMissing(d) => OciError::msg(ErrorCode::BlobUnknown, msg).detail(serde_json::json!({"digest": d.to_string()})),

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fsck;
 pub mod gc;
 pub mod local;
+pub mod outbox;
 pub mod policy;
 pub mod s3;
 pub mod traits;
@@ -633,6 +634,11 @@ impl Store {
         let result = blocking(move || m.delete_tag(&r, &t, immutable)).await;
         self.reads.changed(Changed::Tags(repo, &[tag.to_string()]));
         result
+    }
+
+    /// The tags of `repo` pointing at `d` (blocking).
+    pub fn tags_pointing_at(&self, repo: &str, d: &Digest) -> Result<Vec<String>> {
+        Ok(self.meta.tags_with_times(repo)?.into_iter().filter(|(_, t)| t.digest == *d).map(|(name, _)| name).collect())
     }
 
     /// One page of a repository's tags; None when the repository is unknown.

@@ -194,6 +194,11 @@ pub trait BlobStore: Send + Sync {
     /// Stores `data` under `name` unless something is there; false if something was (the
     /// caller reads that instead). Private to berth's user where the backend has modes.
     fn put_object_new(&self, name: &str, data: &[u8]) -> Result<bool>;
+    /// The small objects under the folder `dir`, as names relative to it, in name order.
+    fn objects(&self, dir: &str) -> Result<Vec<String>>;
+    /// Removes a small object; absent is not an error. The removal may be undone by a crash
+    /// (callers must tolerate an object coming back).
+    fn delete_object(&self, name: &str) -> Result<()>;
 
     /// Other processes (nodes on the same bucket) may append to the same upload sessions, so
     /// what this process remembers of a session must be checked against the store.

@@ -182,7 +182,18 @@ impl BlobStore for LocalBlobs {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.root.join(name);
         let dir = path.parent().expect("object path has a parent");
-        fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            // The new folder's entry must survive a crash as well as the object in it.
+            let mut d = dir;
+            while let Some(parent) = d.parent() {
+                sync_dir(parent)?;
+                if parent == self.root {
+                    break;
+                }
+                d = parent;
+            }
+        }
         // Written whole and synced under a temp name, then hard-linked: two processes racing
         // end up with the same object, and a reader never sees half of one.
         let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4()));
@@ -200,6 +211,44 @@ impl BlobStore for LocalBlobs {
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    fn objects(&self, dir: &str) -> Result<Vec<String>> {
+        fn walk(base: &Path, rel: &str, out: &mut Vec<String>) -> io::Result<()> {
+            let rd = match fs::read_dir(base.join(rel)) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for e in rd {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Temp names of objects being written start with a dot.
+                if name.starts_with('.') {
+                    continue;
+                }
+                let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                if e.file_type()?.is_dir() {
+                    walk(base, &child, out)?;
+                } else {
+                    out.push(child);
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.root.join(dir), "", &mut out)?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete_object(&self, name: &str) -> Result<()> {
+        // Not synced: a removal a power loss undoes brings back an outbox entry already
+        // delivered, which is delivered again (at least once), and saves an fsync per event.
+        match fs::remove_file(self.root.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
         }
     }
 

@@ -674,6 +674,21 @@ impl BlobStore for S3Blobs {
         self.b.put(name, Bytes::copy_from_slice(data), true)
     }
 
+    fn objects(&self, dir: &str) -> Result<Vec<String>> {
+        let dir = format!("{}/", dir.trim_end_matches('/'));
+        let mut out = Vec::new();
+        self.b.list(&dir, None, &mut |k, _| {
+            out.push(k.strip_prefix(dir.as_str()).unwrap_or(k).to_string());
+            true
+        })?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete_object(&self, name: &str) -> Result<()> {
+        self.b.delete(name)
+    }
+
     fn shared(&self) -> bool {
         true
     }
