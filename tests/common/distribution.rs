@@ -278,6 +278,8 @@ pub struct Options {
     /// `storage: s3` on this bucket instead of the filesystem: (endpoint, bucket, region,
     /// access key, secret key, root directory inside the bucket).
     pub s3: Option<[String; 6]>,
+    /// Listen here (a registry started again where clients expect it); a free port otherwise.
+    pub port: Option<u16>,
 }
 
 /// One line of the registry's access log.
@@ -304,7 +306,7 @@ pub struct Registry {
 impl Registry {
     pub fn start(opts: Options) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
         let mut extra = String::new();
