@@ -24,8 +24,8 @@ pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub static REPLICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "berth_replication_total",
-        "Replication steps (copy, delete) by rule and result (ok, retry, given_up)",
-        &["rule", "step", "result"]
+        "Replication steps (a copy or a delete at a target) by result: ok, or retry after a failure",
+        &["result"]
     )
     .unwrap()
 });

@@ -74,6 +74,13 @@ struct Target {
     placed: Mutex<HashMap<Digest, String>>,
 }
 
+/// What one event asks of one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Copy { repo: String, tags: Vec<String> },
+    Delete { repo: String, reference: String, digest: Option<Digest> },
+}
+
 pub struct Replicator {
     store: Arc<Store>,
     targets: Vec<Target>,
@@ -98,19 +105,61 @@ impl Replicator {
         self.targets.is_empty()
     }
 
-    /// The rules replicating `repo:tag`.
-    pub fn rules_for(&self, repo: &str, tag: &str) -> Vec<usize> {
-        (0..self.targets.len()).filter(|&i| self.targets[i].rule.matches(repo, tag)).collect()
+    pub fn len(&self) -> usize {
+        self.targets.len()
     }
 
-    /// The rules that propagate deletes in `repo`.
-    pub fn delete_rules_for(&self, repo: &str, tag: Option<&str>) -> Vec<usize> {
-        (0..self.targets.len())
-            .filter(|&i| {
-                let r = &self.targets[i].rule;
-                r.delete && tag.map_or(r.covers(repo), |t| r.matches(repo, t))
-            })
-            .collect()
+    /// How deliveries and dead letters name rule `i`.
+    pub fn name(&self, i: usize) -> String {
+        format!("replication[{i}] {}", self.targets[i].rule.target)
+    }
+
+    /// The copy or delete an event asks of rule `i`, if any: what a push or delete recorded in
+    /// the outbox becomes at the target.
+    pub fn action(&self, i: usize, kind: &str, data: &Value) -> Option<Action> {
+        let r = &self.targets[i].rule;
+        let repo = data.get("repository")?.as_str()?.to_string();
+        let tags: Vec<String> = data
+            .get("tags")
+            .and_then(Value::as_array)
+            .map(|t| t.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let digest = data.get("digest").and_then(Value::as_str).and_then(|d| Digest::parse(d).ok());
+        match kind {
+            "manifest.pushed" => {
+                let tags: Vec<String> = tags.into_iter().filter(|t| r.matches(&repo, t)).collect();
+                (!tags.is_empty()).then_some(Action::Copy { repo, tags })
+            }
+            "tag.deleted" if r.delete => {
+                let tag = tags.into_iter().next().filter(|t| r.matches(&repo, t))?;
+                Some(Action::Delete { repo, reference: tag, digest })
+            }
+            "manifest.deleted" if r.delete && r.covers(&repo) => {
+                let d = digest?;
+                Some(Action::Delete { repo, reference: d.to_string(), digest: Some(d) })
+            }
+            _ => None,
+        }
+    }
+
+    /// Carries out `a` for rule `i`.
+    pub async fn apply(&self, i: usize, a: &Action) -> R<()> {
+        match a {
+            Action::Copy { repo, tags } => {
+                for t in tags {
+                    match self.copy_tag(i, repo, t).await {
+                        Ok(_) => {}
+                        // Deleted since it was pushed: nothing to copy any more.
+                        Err(e) if self.store.meta().tag(repo, t).map_err(err)?.is_none() => {
+                            tracing::info!(repository = %repo, tag = %t, error = %e, "not replicated: the tag is gone");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Action::Delete { repo, reference, digest } => self.delete(i, repo, reference, digest.as_ref()).await,
+        }
     }
 
     /// Copies `repo:tag` as the store holds it now to rule `rule`'s target.
@@ -165,8 +214,7 @@ impl Replicator {
                 after = repos.last().cloned();
                 for repo in repos.iter().filter(|r| t.rule.covers(r)) {
                     let mut tag_after: Option<String> = None;
-                    loop {
-                        let Some((tags, more_tags)) = self.store.tags(repo, tag_after.as_deref(), 500).map_err(err)? else { break };
+                    while let Some((tags, more_tags)) = self.store.tags(repo, tag_after.as_deref(), 500).map_err(err)? {
                         tag_after = tags.last().cloned();
                         for tag in tags.iter().filter(|tag| t.rule.matches(repo, tag)) {
                             match self.copy_tag(i, repo, tag).await {

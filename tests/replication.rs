@@ -1,6 +1,7 @@
 //! Push replication to a CNCF distribution registry (`docker-registry`) on loopback, with Basic
 //! auth: pushes matching a rule arrive byte-exact (skopeo reads the same digests from the
-//! target), others do not; a target that is down catches up when it returns; deletes follow
+//! target), others do not; a target that is down catches up when it returns, across a kill -9
+//! of berth (the copies are driven by the events outbox); deletes follow
 //! with `delete = true`; `berth replicate` copies what was there before the rule.
 
 mod common;
@@ -93,10 +94,13 @@ fn pushes_arrive_at_the_target_byte_exact_and_a_target_that_was_down_catches_up(
     }
     // The target is down when the first push arrives: nothing listens on its port yet.
     let port = common::free_port();
-    let b = start_berth(&format!("http://127.0.0.1:{port}"), "delete = true\n");
+    let mut b = start_berth(&format!("http://127.0.0.1:{port}"), "delete = true\n");
     let c = Client::new();
     let v1 = push_index(&c, &b.url(), "team/app", "v1", "one");
     let dev = push_index(&c, &b.url(), "team/app", "dev", "two");
+    // Killed meanwhile: what a push was acknowledged for is in the outbox, not in memory.
+    b.kill();
+    b.restart();
     let target = Registry::start(Options { htpasswd: Some((USER.into(), PASSWORD.into())), port: Some(port), ..Default::default() });
     assert!(
         eventually(Duration::from_secs(60), || skopeo_digest(&target, "mirror/team/app:v1").is_some()),

@@ -137,7 +137,12 @@ pub struct Events {
     recent: Mutex<VecDeque<Delivery>>,
     permits: Arc<tokio::sync::Semaphore>,
     http: reqwest::Client,
+    /// `[[replication]]`: its rules take pushes and deletes from the same outbox.
+    replicator: Arc<crate::replicate::Replicator>,
 }
+
+/// How long a replication keeps retrying before its event is dead-lettered.
+const REPLICATION_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
@@ -210,7 +215,11 @@ fn wants(hook: &Webhook, ev: &CloudEvent) -> bool {
 }
 
 impl Events {
-    pub fn new(config: &Config, store: Arc<Store>) -> Arc<Events> {
+    pub fn new(config: &Config, store: Arc<Store>, replicator: Arc<crate::replicate::Replicator>) -> Arc<Events> {
+        // Series at 0 from the start: dashboards show 0, not "No data".
+        for result in ["ok", "retry"] {
+            crate::metrics::REPLICATIONS.with_label_values(&[result]);
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -231,6 +240,7 @@ impl Events {
             recent: Mutex::new(VecDeque::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
             http,
+            replicator,
         })
     }
 
@@ -238,9 +248,15 @@ impl Events {
         let _ = self.cluster.set(cluster);
     }
 
-    /// Whether anything listens: without webhooks or an audit log, events cost nothing.
+    /// Whether anything listens: without webhooks, replication or an audit log, events cost
+    /// nothing.
     pub fn enabled(&self) -> bool {
-        !self.hooks.is_empty() || self.audit.is_some()
+        !self.hooks.is_empty() || self.audit.is_some() || !self.replicator.is_empty()
+    }
+
+    /// The replication rules `ev` asks something of.
+    fn replications(&self, ev: &CloudEvent) -> Vec<(usize, crate::replicate::Action)> {
+        (0..self.replicator.len()).filter_map(|i| self.replicator.action(i, ev.short_kind(), &ev.data).map(|a| (i, a))).collect()
     }
 
     pub fn has_webhooks(&self) -> bool {
@@ -335,7 +351,7 @@ impl Events {
                 l
             });
             let mut recorded = None;
-            if this.hooks.iter().any(|h| wants(h, &ev)) {
+            if this.hooks.iter().any(|h| wants(h, &ev)) || !this.replications(&ev).is_empty() {
                 let ms = now_ms();
                 let entry = Entry { recorded_ms: ms, webhook: None, event: ev };
                 let body = serde_json::to_vec(&entry)?;
@@ -370,7 +386,7 @@ impl Events {
     /// Delivers until shutdown: what arrives from `emit`, and what the outbox holds.
     pub async fn run(self: Arc<Self>, mut shutdown: pingora::server::ShutdownWatch) {
         let Some(mut rx) = self.rx.lock().take() else { return };
-        if self.hooks.is_empty() {
+        if self.hooks.is_empty() && self.replicator.is_empty() {
             return;
         }
         let mut scan = tokio::time::interval(SCAN_EVERY);
@@ -473,11 +489,44 @@ impl Events {
             })
             .map(|h| (h.clone(), 0, String::new()))
             .collect();
-        if remaining.is_empty() {
-            tracing::warn!(event = %entry.event.id, "no configured webhook takes this event any more; dropping it");
+        let mut reps: Vec<(usize, crate::replicate::Action, u32, String)> = self
+            .replications(&entry.event)
+            .into_iter()
+            .filter(|(i, _)| entry.webhook.as_ref().is_none_or(|w| *w == self.replicator.name(*i)))
+            .map(|(i, a)| (i, a, 0, String::new()))
+            .collect();
+        if remaining.is_empty() && reps.is_empty() {
+            tracing::warn!(event = %entry.event.id, "no configured webhook or replication takes this event any more; dropping it");
         }
         let mut round = 0u32;
-        while !remaining.is_empty() {
+        while !remaining.is_empty() || !reps.is_empty() {
+            let mut rep_next = Vec::new();
+            for (i, action, attempts, _) in reps {
+                let attempts = attempts + 1;
+                match self.replicator.apply(i, &action).await {
+                    Ok(()) => {
+                        crate::metrics::REPLICATIONS.with_label_values(&["ok"]).inc();
+                        self.note_as(&entry.event, self.replicator.name(i), "delivered", attempts, None, None);
+                    }
+                    Err(e) => {
+                        crate::metrics::REPLICATIONS.with_label_values(&["retry"]).inc();
+                        tracing::warn!(event = %entry.event.id, rule = i, error = %e, "replication failed; retrying");
+                        self.note_as(&entry.event, self.replicator.name(i), "retrying", attempts, None, Some(e.to_string()));
+                        rep_next.push((i, action, attempts, e.to_string()));
+                    }
+                }
+            }
+            reps = Vec::new();
+            let age = Duration::from_millis(now_ms().saturating_sub(entry.recorded_ms));
+            for (i, action, attempts, error) in rep_next {
+                if age < REPLICATION_MAX_AGE {
+                    reps.push((i, action, attempts, error));
+                    continue;
+                }
+                if !self.dead_letter(&entry, self.replicator.name(i), self.replicator.name(i), attempts, error).await {
+                    return;
+                }
+            }
             let mut next = Vec::new();
             for (hook, attempts, _) in remaining {
                 let attempts = attempts + 1;
@@ -495,27 +544,11 @@ impl Events {
                     remaining.push((hook, attempts, error));
                     continue;
                 }
-                let dead = DeadLetter {
-                    webhook: hook.url.to_string(),
-                    recorded_ms: entry.recorded_ms,
-                    dead_ms: now_ms(),
-                    attempts,
-                    error,
-                    event: entry.event.clone(),
-                };
-                let body = serde_json::to_vec(&dead).expect("a dead letter serializes");
-                // Unique per webhook: one event can die for several.
-                let id = format!("{}.{}", entry.event.id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
-                let written = self.blocking("writing a dead letter", move |s| s.dead_append(now_ms(), &id, &body)).await;
-                if written.is_none() {
-                    // Left in the outbox: a later scan tries again.
+                if !self.dead_letter(&entry, hook.url.to_string(), shown(&hook.url), attempts, error).await {
                     return;
                 }
-                crate::metrics::WEBHOOK_DEAD.inc();
-                self.note(&entry.event, &hook, "dead", attempts, None, Some(dead.error.clone()));
-                tracing::warn!(event = %entry.event.id, webhook = %shown(&hook.url), attempts, "webhook did not take the event within max_age; dead-lettered");
             }
-            if remaining.is_empty() {
+            if remaining.is_empty() && reps.is_empty() {
                 break;
             }
             if self.cluster.get().is_some_and(|c| c.me().id != r.node && !c.is_leader()) {
@@ -523,12 +556,35 @@ impl Events {
                 return;
             }
             crate::metrics::WEBHOOK_RETRIED.inc_by(remaining.len() as u64);
-            let shortest = remaining.iter().map(|(h, _, _)| h.max_age).min().unwrap_or_default();
+            let shortest = remaining
+                .iter()
+                .map(|(h, _, _)| h.max_age)
+                .chain((!reps.is_empty()).then_some(REPLICATION_MAX_AGE))
+                .min()
+                .unwrap_or_default();
             tokio::time::sleep(backoff(round, shortest)).await;
             round += 1;
         }
         let rr = r.clone();
         self.blocking("removing a delivered outbox entry", move |s| s.outbox_remove(&rr)).await;
+    }
+
+    /// Moves what `to` (a webhook's URL or a replication rule's name) did not take within its
+    /// time to the dead letters. False if that could not be written: the entry stays in the
+    /// outbox and a later scan tries again.
+    async fn dead_letter(&self, entry: &Entry, to: String, shown_as: String, attempts: u32, error: String) -> bool {
+        let dead =
+            DeadLetter { webhook: to, recorded_ms: entry.recorded_ms, dead_ms: now_ms(), attempts, error, event: entry.event.clone() };
+        let body = serde_json::to_vec(&dead).expect("a dead letter serializes");
+        // Unique per receiver: one event can die for several.
+        let id = format!("{}.{}", entry.event.id, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        if self.blocking("writing a dead letter", move |s| s.dead_append(now_ms(), &id, &body)).await.is_none() {
+            return false;
+        }
+        crate::metrics::WEBHOOK_DEAD.inc();
+        self.note_as(&entry.event, shown_as.clone(), "dead", attempts, None, Some(dead.error.clone()));
+        tracing::warn!(event = %entry.event.id, to = %shown_as, attempts, "not taken within max_age; dead-lettered");
+        true
     }
 
     /// One attempt: `delivered`, or `retrying` with the answer's status or the error.
@@ -551,11 +607,15 @@ impl Events {
     }
 
     fn note(&self, ev: &CloudEvent, hook: &Webhook, status: &'static str, attempts: u32, code: Option<u16>, error: Option<String>) {
+        self.note_as(ev, shown(&hook.url), status, attempts, code, error)
+    }
+
+    fn note_as(&self, ev: &CloudEvent, to: String, status: &'static str, attempts: u32, code: Option<u16>, error: Option<String>) {
         let d = Delivery {
             id: ev.id.clone(),
             kind: ev.kind.clone(),
             subject: ev.subject.clone(),
-            webhook: shown(&hook.url),
+            webhook: to,
             status,
             attempts,
             code,

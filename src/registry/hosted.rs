@@ -50,17 +50,11 @@ pub async fn handle(
                 if !found {
                     return Err(manifest_unknown(repo, reference));
                 }
-                let about_digest = about.1.clone();
                 if reg.events.enabled() {
                     let (kind, digest, tags) = about;
                     let about = About { repository: r, tags: &tags, digest: digest.map(|d| d.to_string()), ..Default::default() };
                     reg.events.emit(reg.events.event(kind, &about, actor), actor).await?;
                 }
-                let tag = match reference {
-                    Reference::Tag(t) => Some(t.as_str()),
-                    Reference::Digest(_) => None,
-                };
-                reg.replicate_deleted(r, &reference.to_string(), tag, about_digest);
                 Ok(Response::new(202))
             }
             _ => Err(OciError::new(ErrorCode::MethodNotAllowed)),
@@ -224,7 +218,6 @@ async fn put_manifest(
     if let Some(s) = &info.subject {
         resp = resp.header("OCI-Subject", s.to_string());
     }
-    reg.replicate_pushed(r, &tags.iter().map(|t| t.as_str().to_string()).collect::<Vec<_>>());
     Ok(resp)
 }
 

@@ -115,7 +115,8 @@ impl Registry {
     /// cannot take the configured grouping.
     pub fn new(config: Arc<Config>, store: Arc<Store>) -> Result<Arc<Registry>, String> {
         let mirror = mirror::Mirror::new(&config, store.clone());
-        let events = crate::events::Events::new(&config, store.clone());
+        let replicator = Arc::new(crate::replicate::Replicator::new(store.clone(), &config.replication));
+        let events = crate::events::Events::new(&config, store.clone(), replicator.clone());
         mirror.set_events(events.clone());
         let classes = crate::store::Classes {
             cache_roots: config.upstreams.iter().map(|u| u.name.clone()).collect(),
@@ -128,7 +129,7 @@ impl Registry {
             None => None,
         };
         Ok(Arc::new(Registry {
-            replicator: Arc::new(crate::replicate::Replicator::new(store.clone(), &config.replication)),
+            replicator,
             store,
             config,
             mirror,
@@ -193,30 +194,6 @@ impl Registry {
     }
 
     /// Runs retention and garbage collection over the whole store.
-    /// Copies tags just pushed to every replication target whose rule matches, in the
-    /// background, retrying with backoff (up to a day) while the target fails.
-    pub fn replicate_pushed(&self, repo: &str, tags: &[String]) {
-        for tag in tags {
-            for rule in self.replicator.rules_for(repo, tag) {
-                let (r, repo, tag) = (self.replicator.clone(), repo.to_string(), tag.clone());
-                tokio::spawn(async move {
-                    retrying("copy", rule, &repo, &tag, || r.copy_tag(rule, &repo, &tag)).await;
-                });
-            }
-        }
-    }
-
-    /// Propagates a delete of `repo:reference` (the manifest `digest`, when known) where a
-    /// rule says `delete = true`.
-    pub fn replicate_deleted(&self, repo: &str, reference: &str, tag: Option<&str>, digest: Option<crate::oci::Digest>) {
-        for rule in self.replicator.delete_rules_for(repo, tag) {
-            let (r, repo, reference, digest) = (self.replicator.clone(), repo.to_string(), reference.to_string(), digest.clone());
-            tokio::spawn(async move {
-                retrying("delete", rule, &repo, &reference, || r.delete(rule, &repo, &reference, digest.as_ref())).await;
-            });
-        }
-    }
-
     pub async fn gc(&self, dry_run: bool) -> Result<crate::store::gc::GcReport, crate::store::StoreError> {
         let (config, store) = (self.config.clone(), self.store.clone());
         let policy_of: crate::store::gc::PolicyOf = Arc::new(move |repo: &str| policy_for(&config, &store, repo));
@@ -388,38 +365,6 @@ impl Registry {
                     ));
                 }
                 self.mirror.handle(req, ep, &upstream, &repo, outcome).await
-            }
-        }
-    }
-}
-
-/// Runs a replication step until it succeeds, for at most a day, backing off from 1 s to 5 min.
-async fn retrying<T, F: std::future::Future<Output = Result<T, crate::replicate::ReplicateError>>>(
-    what: &'static str,
-    rule: usize,
-    repo: &str,
-    reference: &str,
-    f: impl Fn() -> F,
-) {
-    let started = std::time::Instant::now();
-    let mut wait = std::time::Duration::from_secs(1);
-    loop {
-        match f().await {
-            Ok(_) => {
-                crate::metrics::REPLICATIONS.with_label_values(&[&rule.to_string(), what, "ok"]).inc();
-                tracing::info!(rule, repository = repo, reference, "replicated ({what})");
-                return;
-            }
-            Err(e) if started.elapsed() < std::time::Duration::from_secs(24 * 3600) => {
-                crate::metrics::REPLICATIONS.with_label_values(&[&rule.to_string(), what, "retry"]).inc();
-                tracing::warn!(rule, repository = repo, reference, error = %e, retry_in = ?wait, "replication failed");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(300));
-            }
-            Err(e) => {
-                crate::metrics::REPLICATIONS.with_label_values(&[&rule.to_string(), what, "given_up"]).inc();
-                tracing::error!(rule, repository = repo, reference, error = %e, "replication given up after a day");
-                return;
             }
         }
     }
