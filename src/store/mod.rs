@@ -16,7 +16,7 @@ pub mod traits;
 pub mod upload;
 
 pub use error::StoreError;
-pub use traits::{BlobBody, BlobStore, Classes, ManifestMeta, MetaStore, TagExpect, Usage};
+pub use traits::{BlobBody, BlobStore, Classes, ManifestMeta, MetaStore, RepoSummary, TagExpect, Usage};
 
 use crate::oci::{Digest, Hasher};
 use bytes::Bytes;
@@ -31,14 +31,6 @@ use traits::{BlobTemp, ManifestPut};
 /// nodes wait for its end before storing that content again, at most this long; the sweep
 /// stops deleting at half of it, so clocks a little apart still keep the two apart.
 pub const SWEEP_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// See [`Store::repository_summary`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RepoSummary {
-    pub bytes: u64,
-    /// The newest tag write; None without tags.
-    pub updated_ms: Option<u64>,
-}
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -646,17 +638,9 @@ impl Store {
         self.meta.tags(repo, after, n)
     }
 
-    /// What a repository holds, for people (the web UI): the bytes of the blobs it links and
-    /// of its manifests (content shared with other repositories counts in each), and when a
-    /// tag of it was last written. Reads every link and tag of the repository.
+    /// What a repository holds, for people (the web UI): see [`MetaStore::repo_summary`].
     pub fn repository_summary(&self, repo: &str) -> Result<RepoSummary> {
-        let mut bytes = 0;
-        for (d, _) in self.meta.links(repo)? {
-            bytes += self.meta.blob(&d)?.map_or(0, |b| b.size);
-        }
-        bytes += self.meta.manifests(repo)?.iter().map(|(_, m)| m.size).sum::<u64>();
-        let updated_ms = self.meta.tags_with_times(repo)?.iter().map(|(_, t)| t.updated_ms).max();
-        Ok(RepoSummary { bytes, updated_ms })
+        self.meta.repo_summary(repo)
     }
 
     /// One page of repository names.

@@ -23,6 +23,14 @@ pub struct ManifestMeta {
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// See [`MetaStore::repo_summary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepoSummary {
+    pub bytes: u64,
+    /// The newest tag write; None without tags.
+    pub updated_ms: Option<u64>,
+}
+
 /// A tag: where it points and when it was last written (milliseconds since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagRec {
@@ -301,6 +309,18 @@ pub trait MetaStore: Send + Sync {
     /// Up to `n` tags of `repo` after `after`, and whether more follow; None if no such repo.
     fn tags(&self, repo: &str, after: Option<&str>, n: usize) -> Result<Option<(Vec<String>, bool)>>;
     fn tags_with_times(&self, repo: &str) -> Result<Vec<(String, TagRec)>>;
+    /// The bytes of the blobs `repo` links and of its manifests (content shared with other
+    /// repositories counts in each), and its newest tag write. Reads every link, manifest and
+    /// tag of the repository.
+    fn repo_summary(&self, repo: &str) -> Result<RepoSummary> {
+        let mut bytes = 0;
+        for (d, _) in self.links(repo)? {
+            bytes += self.blob(&d)?.map_or(0, |b| b.size);
+        }
+        bytes += self.manifests(repo)?.iter().map(|(_, m)| m.size).sum::<u64>();
+        let updated_ms = self.tags_with_times(repo)?.iter().map(|(_, t)| t.updated_ms).max();
+        Ok(RepoSummary { bytes, updated_ms })
+    }
     fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<(Digest, ManifestMeta)>>;
 
     // ---- upload sessions ----

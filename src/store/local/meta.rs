@@ -8,7 +8,9 @@
 
 use crate::oci::Digest;
 use crate::store::error::{Result, StoreError};
-use crate::store::traits::{BlobRec, Classes, ManifestMeta, ManifestPut, MetaStore, TagExpect, TagRec, UploadRec, Usage, CACHE_GROUP};
+use crate::store::traits::{
+    BlobRec, Classes, ManifestMeta, ManifestPut, MetaStore, RepoSummary, TagExpect, TagRec, UploadRec, Usage, CACHE_GROUP,
+};
 use parking_lot::RwLock;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use std::collections::HashMap;
@@ -868,6 +870,29 @@ impl MetaStore for RedbMeta {
             out.push(e?.0.value()[repo.len() + 1..].to_string());
         }
         Ok(Some((out, false)))
+    }
+
+    fn repo_summary(&self, repo: &str) -> Result<RepoSummary> {
+        // One read transaction, sizes from the blob records (a manifest's bytes are a blob
+        // too): what a page showing 50 repositories can afford.
+        let rx = self.db.begin_read()?;
+        let blobs = rx.open_table(BLOBS)?;
+        let size =
+            |d: &str| -> Result<u64> { blobs.get(d)?.map(|v| decode_blob(v.value()).map(|b| b.size)).transpose().map(|s| s.unwrap_or(0)) };
+        let mut bytes = 0;
+        for e in rx.open_table(LINKS)?.range::<&str>(as_ref_bounds(&under(repo, None)))? {
+            bytes += size(&e?.0.value()[repo.len() + 1..])?;
+        }
+        for e in rx.open_table(MANIFESTS)?.range::<&str>(as_ref_bounds(&under(repo, None)))? {
+            bytes += size(&e?.0.value()[repo.len() + 1..])?;
+        }
+        let mut updated_ms = None;
+        for e in rx.open_table(TAGS)?.range::<&str>(as_ref_bounds(&under(repo, None)))? {
+            let (_, v) = e?;
+            let ms = v.value().split_once(' ').and_then(|(ms, _)| ms.parse::<u64>().ok());
+            updated_ms = updated_ms.max(ms);
+        }
+        Ok(RepoSummary { bytes, updated_ms })
     }
 
     fn tags_with_times(&self, repo: &str) -> Result<Vec<(String, TagRec)>> {

@@ -671,6 +671,10 @@ impl MetaStore for JournalMeta {
         self.inner.links(repo)
     }
 
+    fn repo_summary(&self, repo: &str) -> Result<crate::store::traits::RepoSummary> {
+        self.inner.repo_summary(repo)
+    }
+
     fn holders(&self, d: &Digest) -> Result<Vec<String>> {
         self.inner.holders(d)
     }
