@@ -9,6 +9,24 @@ fn running_admin(config: &Config) -> Option<std::net::SocketAddr> {
     std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).ok().map(|_| addr)
 }
 
+/// POSTs `path` to the running berth's admin listener and returns its answer's body; `what`
+/// names the work in errors.
+fn ask_running(addr: std::net::SocketAddr, path: &str, what: &str) -> Result<String, String> {
+    runtime().block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .map_err(|e| format!("asking the running berth at {addr} to {what}: {e}"))?;
+        let status = r.status();
+        let body = r.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("the running berth answered {status}: {body}"));
+        }
+        Ok(body)
+    })
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
@@ -17,20 +35,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// listener) so its index and locks stay authoritative; otherwise on the store directly.
 pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
     if let Some(addr) = running_admin(&config) {
-        let url = format!("http://{addr}/gc?dry_run={dry_run}");
-        return runtime().block_on(async {
-            let r = reqwest::Client::new()
-                .post(&url)
-                .send()
-                .await
-                .map_err(|e| format!("asking the running berth at {addr} to collect: {e}"))?;
-            let status = r.status();
-            let body = r.text().await.map_err(|e| e.to_string())?;
-            if !status.is_success() {
-                return Err(format!("the running berth answered {status}: {body}"));
-            }
-            Ok(body)
-        });
+        return ask_running(addr, &format!("/gc?dry_run={dry_run}"), "collect");
     }
     let store = config.open_store()?;
     let registry = Registry::new(std::sync::Arc::new(config), store)?;
@@ -74,25 +79,11 @@ pub fn replicate(config: Config, rule: Option<usize>) -> Result<(bool, String), 
         return Err("the config has no [[replication]] rule".into());
     }
     if let Some(addr) = running_admin(&config) {
-        let url = match rule {
-            Some(r) => format!("http://{addr}/replicate?rule={r}"),
-            None => format!("http://{addr}/replicate"),
-        };
-        return runtime().block_on(async {
-            let r = reqwest::Client::new()
-                .post(&url)
-                .send()
-                .await
-                .map_err(|e| format!("asking the running berth at {addr} to replicate: {e}"))?;
-            let status = r.status();
-            let body = r.text().await.map_err(|e| e.to_string())?;
-            if !status.is_success() {
-                return Err(format!("the running berth answered {status}: {body}"));
-            }
-            let reports: Vec<serde_json::Value> = serde_json::from_str(&body).map_err(|e| format!("unreadable report: {e}"))?;
-            let ok = reports.iter().all(|r| r["tags_failed"].as_array().is_some_and(|f| f.is_empty()));
-            Ok((ok, body))
-        });
+        let path = rule.map_or_else(|| "/replicate".to_string(), |r| format!("/replicate?rule={r}"));
+        let body = ask_running(addr, &path, "replicate")?;
+        let reports: Vec<serde_json::Value> = serde_json::from_str(&body).map_err(|e| format!("unreadable report: {e}"))?;
+        let ok = reports.iter().all(|r| r["tags_failed"].as_array().is_some_and(|f| f.is_empty()));
+        return Ok((ok, body));
     }
     let store = config.open_store()?;
     let r = crate::replicate::Replicator::new(store, &config.replication);

@@ -306,7 +306,7 @@ impl Replicator {
         let mut put = t.rule.target.join(location).map_err(|e| err(format!("bad upload location {location:?}: {e}")))?;
         put.query_pairs_mut().append_pair("digest", &d.to_string());
         let size = self.store.blob_size(d).map_err(err)?.ok_or_else(|| err(format!("blob {d} is not in the store")))?;
-        let body = self.body(d, size).await?;
+        let body = self.body(d).await?;
         let auth = t.current(name);
         let mut req = t.http.put(put).header("Content-Type", "application/octet-stream").header("Content-Length", size.to_string());
         req = t.authorize(req, auth.as_deref());
@@ -322,7 +322,7 @@ impl Replicator {
     }
 
     /// A blob's bytes as a request body, streamed from the store.
-    async fn body(&self, d: &Digest, size: u64) -> R<reqwest::Body> {
+    async fn body(&self, d: &Digest) -> R<reqwest::Body> {
         let s = self.store.clone();
         let dd = d.clone();
         let opened = crate::store::blocking(move || s.open_blob(&dd, None)).await.map_err(err)?;
@@ -359,7 +359,6 @@ impl Replicator {
                 if !r.status().is_success() {
                     return Err(err(format!("reading {d} answered {}", r.status())));
                 }
-                let _ = size;
                 Ok(reqwest::Body::wrap_stream(r.bytes_stream().map(|x| x.map_err(std::io::Error::other))))
             }
         }
