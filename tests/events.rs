@@ -300,6 +300,41 @@ fn webhooks_take_only_their_events_and_namespaces() {
     assert_eq!(untagged[0]["subject"], "team/app");
     assert_eq!(untagged[0]["data"]["tag"], "v1");
     assert_eq!(untagged[0]["data"]["digest"], team_digest.as_str());
+
+    // A manifest deleted by digest is its own event; the deletes hook does not take it.
+    let v2 = push(&c, &b.url(), "team/app", "v2");
+    assert_eq!(c.delete(format!("{}/v2/team/app/manifests/{v2}", b.url())).send().unwrap().status(), 202);
+    assert!(common::eventually(Duration::from_secs(20), || team.distinct() == 4), "{}", admin_json(&c, &b, "/events/deliveries"));
+    let gone = team.of_type("manifest.deleted");
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0]["subject"], "team/app");
+    assert_eq!(gone[0]["data"]["digest"], v2.as_str());
+    assert_eq!(gone[0]["data"]["tags"], serde_json::json!(["v2"]));
+    assert_eq!(deletes.distinct(), 2);
+
+    // Deliveries yield the CPU to serving: the sender's thread runs at nice 10.
+    let pid = b.child.as_ref().unwrap().id();
+    let nices = thread_nices(pid, "BG events");
+    assert!(!nices.is_empty() && nices.iter().all(|n| *n == 10), "the event sender's threads have nice {nices:?}");
+}
+
+/// The nice values of a process's threads named `name` (pingora names a background service's
+/// thread "BG <service>").
+fn thread_nices(pid: u32, name: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = t.unwrap().path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // The fields after the command's closing parenthesis start at the 3rd; nice is the 19th.
+        if let Some(n) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(16)).and_then(|n| n.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out
 }
 
 #[test]

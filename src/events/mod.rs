@@ -32,6 +32,9 @@ pub const KINDS: &[&str] = &["manifest.pushed", "tag.deleted", "manifest.deleted
 
 const TYPE_PREFIX: &str = "dev.berth.";
 
+/// The event sender's nice value (see `lower_priority`).
+const DELIVERY_NICE: libc::c_int = 10;
+
 /// Deliveries kept for the admin listing.
 const RECENT: usize = 200;
 
@@ -134,6 +137,9 @@ pub struct Events {
     rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Queued>>>,
     /// Entries a delivery task of this process is working on, with when they were recorded.
     working: Mutex<HashMap<OutboxRef, u64>>,
+    /// Entries delivered and waiting to be removed from the outbox.
+    delivered: Mutex<Vec<OutboxRef>>,
+    delivered_ready: tokio::sync::Notify,
     recent: Mutex<VecDeque<Delivery>>,
     permits: Arc<tokio::sync::Semaphore>,
     http: reqwest::Client,
@@ -197,6 +203,20 @@ pub fn platforms_of(manifest: &[u8]) -> Vec<String> {
 /// Backoff before attempt `n + 1`: doubling from a quarter second, capped at a minute (and at
 /// a quarter of the webhook's `max_age`, so a short one still sees several attempts), with
 /// up to half of it added at random so that receivers coming back are not hit in lockstep.
+/// An event ready to be recorded (see [`Events::prepare`]).
+#[derive(Default)]
+pub struct Prepared {
+    outbox: Option<(OutboxRef, Entry, Vec<u8>)>,
+    audit: Option<serde_json::Value>,
+}
+
+impl Prepared {
+    /// The outbox entry to make durable, if anything will deliver the event.
+    pub fn outbox_entry(&self) -> Option<(OutboxRef, Vec<u8>)> {
+        self.outbox.as_ref().map(|(r, _, body)| (r.clone(), body.clone()))
+    }
+}
+
 fn backoff(n: u32, max_age: Duration) -> Duration {
     let cap = Duration::from_secs(60).min(max_age / 4).max(Duration::from_millis(100));
     let base = Duration::from_millis(250).saturating_mul(1u32 << n.min(16)).min(cap);
@@ -237,6 +257,8 @@ impl Events {
             tx,
             rx: Mutex::new(Some(rx)),
             working: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(Vec::new()),
+            delivered_ready: tokio::sync::Notify::new(),
             recent: Mutex::new(VecDeque::new()),
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
             http,
@@ -325,50 +347,74 @@ impl Events {
         }
     }
 
-    /// Records an event: in the outbox when a webhook wants it (durable when this returns),
-    /// and in the audit log. An error means the outbox could not be written.
+    /// Prepares `ev` for recording: its outbox entry when a webhook or a replication rule
+    /// wants it, and its audit line. The caller makes the entry durable (with what it records,
+    /// or through [`Events::emit`]) and then hands it over with [`Events::recorded`].
+    pub fn prepare(&self, ev: CloudEvent, actor: &Actor) -> Prepared {
+        if !self.enabled() {
+            return Prepared::default();
+        }
+        let audit = self.audit.as_ref().map(|_| {
+            let mut l = serde_json::json!({
+                "time": ev.time,
+                "id": ev.id,
+                "type": ev.kind,
+                "actor": ev.data.get("actor"),
+                "client": actor.client.map(|c| c.to_string()),
+                "subject": ev.subject,
+                "source": ev.source,
+                "data": ev.data,
+            });
+            if let Some(o) = l.as_object_mut() {
+                o.retain(|_, v| !v.is_null());
+            }
+            l
+        });
+        let mut outbox = None;
+        if self.hooks.iter().any(|h| wants(h, &ev)) || !self.replications(&ev).is_empty() {
+            let ms = now_ms();
+            let r = OutboxRef::new(&self.node(), ms, &ev.id);
+            let entry = Entry { recorded_ms: ms, webhook: None, event: ev };
+            let body = serde_json::to_vec(&entry).expect("an event serializes");
+            outbox = Some((r, entry, body));
+        }
+        Prepared { outbox, audit }
+    }
+
+    /// Hands a prepared event whose outbox entry is durable to the sender, and writes its
+    /// audit line.
+    pub async fn recorded(self: &Arc<Self>, p: Prepared) {
+        if let (Some(_), Some(line)) = (&self.audit, p.audit) {
+            let this = self.clone();
+            let written = crate::store::blocking(move || {
+                if let Some(a) = &this.audit {
+                    a.write(line.to_string().as_bytes())?;
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = written {
+                tracing::error!(error = %e, "writing the audit log");
+            }
+        }
+        if let Some((r, entry, _)) = p.outbox {
+            let _ = self.tx.send((r, Some(entry)));
+        }
+    }
+
+    /// Records an event: in the outbox when a webhook or a replication rule wants it (durable
+    /// when this returns), and in the audit log. An error means the outbox could not be
+    /// written.
     pub async fn emit(self: &Arc<Self>, ev: CloudEvent, actor: &Actor) -> Result<(), StoreError> {
         if !self.enabled() {
             return Ok(());
         }
-        let this = self.clone();
-        let client = actor.client;
-        let recorded = crate::store::blocking(move || {
-            let line = this.audit.as_ref().map(|_| {
-                let mut l = serde_json::json!({
-                    "time": ev.time,
-                    "id": ev.id,
-                    "type": ev.kind,
-                    "actor": ev.data.get("actor"),
-                    "client": client.map(|c| c.to_string()),
-                    "subject": ev.subject,
-                    "source": ev.source,
-                    "data": ev.data,
-                });
-                if let Some(o) = l.as_object_mut() {
-                    o.retain(|_, v| !v.is_null());
-                }
-                l
-            });
-            let mut recorded = None;
-            if this.hooks.iter().any(|h| wants(h, &ev)) || !this.replications(&ev).is_empty() {
-                let ms = now_ms();
-                let entry = Entry { recorded_ms: ms, webhook: None, event: ev };
-                let body = serde_json::to_vec(&entry)?;
-                let r = this.store.outbox_append(&this.node(), ms, &entry.event.id, &body)?;
-                recorded = Some((r, entry));
-            }
-            if let (Some(a), Some(line)) = (&this.audit, line) {
-                if let Err(e) = a.write(line.to_string().as_bytes()) {
-                    tracing::error!(error = %e, "writing the audit log");
-                }
-            }
-            Ok(recorded)
-        })
-        .await?;
-        if let Some((r, entry)) = recorded {
-            let _ = self.tx.send((r, Some(entry)));
+        let p = self.prepare(ev, actor);
+        if let Some((r, body)) = p.outbox_entry() {
+            let store = self.store.clone();
+            crate::store::blocking(move || store.outbox_append(&r, &body)).await?;
         }
+        self.recorded(p).await;
         Ok(())
     }
 
@@ -395,7 +441,12 @@ impl Events {
             tokio::select! {
                 Some((r, entry)) = rx.recv() => self.start(r, entry),
                 _ = scan.tick() => self.scan().await,
-                _ = shutdown.changed() => return,
+                _ = self.delivered_ready.notified() => self.remove_delivered().await,
+                _ = shutdown.changed() => {
+                    // What was delivered is not delivered again after the restart.
+                    self.remove_delivered().await;
+                    return;
+                }
             }
         }
     }
@@ -434,9 +485,27 @@ impl Events {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            this.deliver(&r, entry).await;
-            this.working.lock().remove(&r);
+            if !this.deliver(&r, entry).await {
+                this.working.lock().remove(&r);
+            }
         });
+    }
+
+    /// Removes delivered entries from the outbox, all that are waiting in one write: a
+    /// removal per delivery would be a commit per delivery competing with pushes for the
+    /// store. An entry stays among those worked on until its removal is written, so that a
+    /// scan does not start it again.
+    async fn remove_delivered(self: &Arc<Self>) {
+        let batch: Vec<OutboxRef> = std::mem::take(&mut *self.delivered.lock());
+        if batch.is_empty() {
+            return;
+        }
+        let refs = batch.clone();
+        self.blocking("removing delivered outbox entries", move |s| s.outbox_remove_many(&refs)).await;
+        let mut w = self.working.lock();
+        for r in &batch {
+            w.remove(r);
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -460,20 +529,22 @@ impl Events {
         None
     }
 
-    async fn deliver(self: &Arc<Self>, r: &OutboxRef, entry: Option<Entry>) {
+    /// Delivers an entry to everything that wants it. True when it is done and queued for
+    /// removal ([`Events::remove_delivered`]).
+    async fn deliver(self: &Arc<Self>, r: &OutboxRef, entry: Option<Entry>) -> bool {
         let entry = match entry {
             Some(e) => e,
             None => {
                 let rr = r.clone();
-                let Some(bytes) = self.blocking("reading an outbox entry", move |s| s.outbox_read(&rr)).await else { return };
-                let Some(bytes) = bytes else { return };
+                let Some(bytes) = self.blocking("reading an outbox entry", move |s| s.outbox_read(&rr)).await else { return false };
+                let Some(bytes) = bytes else { return false };
                 match serde_json::from_slice::<Entry>(&bytes) {
                     Ok(e) => e,
                     Err(e) => {
                         tracing::error!(error = %e, entry = %r.name, "an outbox entry is not readable; dropping it");
                         let rr = r.clone();
                         self.blocking("removing an outbox entry", move |s| s.outbox_remove(&rr)).await;
-                        return;
+                        return false;
                     }
                 }
             }
@@ -524,7 +595,7 @@ impl Events {
                     continue;
                 }
                 if !self.dead_letter(&entry, self.replicator.name(i), self.replicator.name(i), attempts, error).await {
-                    return;
+                    return false;
                 }
             }
             let mut next = Vec::new();
@@ -545,7 +616,7 @@ impl Events {
                     continue;
                 }
                 if !self.dead_letter(&entry, hook.url.to_string(), shown(&hook.url), attempts, error).await {
-                    return;
+                    return false;
                 }
             }
             if remaining.is_empty() && reps.is_empty() {
@@ -553,7 +624,7 @@ impl Events {
             }
             if self.cluster.get().is_some_and(|c| c.me().id != r.node && !c.is_leader()) {
                 // Taken over while its node was gone; the node (or the new lease holder) goes on.
-                return;
+                return false;
             }
             crate::metrics::WEBHOOK_RETRIED.inc_by(remaining.len() as u64);
             let shortest = remaining
@@ -565,8 +636,9 @@ impl Events {
             tokio::time::sleep(backoff(round, shortest)).await;
             round += 1;
         }
-        let rr = r.clone();
-        self.blocking("removing a delivered outbox entry", move |s| s.outbox_remove(&rr)).await;
+        self.delivered.lock().push(r.clone());
+        self.delivered_ready.notify_one();
+        true
     }
 
     /// Moves what `to` (a webhook's URL or a replication rule's name) did not take within its
@@ -672,7 +744,8 @@ impl Events {
             let d: DeadLetter = serde_json::from_slice(&bytes)?;
             let ms = now_ms();
             let entry = Entry { recorded_ms: ms, webhook: Some(d.webhook), event: d.event };
-            let r = this.store.outbox_append(&this.node(), ms, &entry.event.id, &serde_json::to_vec(&entry)?)?;
+            let r = OutboxRef::new(&this.node(), ms, &entry.event.id);
+            this.store.outbox_append(&r, &serde_json::to_vec(&entry)?)?;
             this.store.dead_remove(&name)?;
             Ok(Some((r, entry)))
         })
@@ -705,7 +778,20 @@ pub struct Sender(pub Arc<Events>);
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for Sender {
     async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        lower_priority();
         self.0.clone().run(shutdown).await
+    }
+}
+
+/// Deliveries yield the CPU to serving: on a machine busy with pushes, a push goes first and
+/// deliveries catch up when it is idle. This service has a runtime of its own (one thread);
+/// that thread runs at nice 10, and the threads it starts (its blocking pool, the
+/// replicator's readers) inherit that, since Linux keeps a nice value per thread.
+fn lower_priority() {
+    // SAFETY: setpriority only reads its arguments; the calling thread's id names that thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, DELIVERY_NICE) };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "lowering the event sender's priority");
     }
 }
 

@@ -179,11 +179,23 @@ async fn put_manifest(
     };
     // One transaction: the references are checked (and their grace refreshed, so GC cannot
     // take them), immutability and quota are checked, the manifest and its tags are written.
-    let platforms = if reg.events.enabled() { crate::events::platforms_of(&bytes) } else { Vec::new() };
-    let size = bytes.len() as u64;
     let tag_names: Vec<String> = tags.iter().map(|t| t.as_str().to_string()).collect();
+    // The event is written with the manifest: a push acknowledged is an event kept, and no
+    // event names a push that was refused.
+    let prepared = reg.events.enabled().then(|| {
+        let about = About {
+            repository: r,
+            tags: &tag_names,
+            digest: Some(digest.to_string()),
+            media_type: Some(&info.media_type),
+            size: Some(bytes.len() as u64),
+            platforms: crate::events::platforms_of(&bytes),
+            upstream: None,
+        };
+        reg.events.prepare(reg.events.event("manifest.pushed", &about, actor), actor)
+    });
     store
-        .put_manifest(
+        .put_manifest_recording(
             r,
             &digest,
             bytes,
@@ -193,20 +205,11 @@ async fn put_manifest(
             (info.blobs.clone(), children),
             reg.immutable_of(r),
             reg.quota_of(r),
+            prepared.as_ref().and_then(|p| p.outbox_entry()),
         )
         .await?;
-    // Recorded before the client hears of the push: a push acknowledged is an event kept.
-    if reg.events.enabled() {
-        let about = About {
-            repository: r,
-            tags: &tag_names,
-            digest: Some(digest.to_string()),
-            media_type: Some(&info.media_type),
-            size: Some(size),
-            platforms,
-            upstream: None,
-        };
-        reg.events.emit(reg.events.event("manifest.pushed", &about, actor), actor).await?;
+    if let Some(p) = prepared {
+        reg.events.recorded(p).await;
     }
     let mut resp =
         Response::new(201).header("Location", format!("/v2/{repo}/manifests/{digest}")).header("Docker-Content-Digest", digest.to_string());

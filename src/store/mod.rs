@@ -478,6 +478,26 @@ impl Store {
         immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
         quota: Option<u64>,
     ) -> Result<()> {
+        self.put_manifest_recording(repo, d, bytes, meta, tags, expect, refs, immutable, quota, None).await
+    }
+
+    /// [`Store::put_manifest`] that also records `event` (an outbox entry) with the manifest:
+    /// in the same transaction where the metadata store keeps the outbox, right after it
+    /// otherwise. Either way the entry is durable when this returns Ok.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_manifest_recording(
+        self: &Arc<Self>,
+        repo: &str,
+        d: &Digest,
+        bytes: Bytes,
+        meta: ManifestMeta,
+        tags: Vec<String>,
+        expect: TagExpect,
+        refs: (Vec<Digest>, Vec<Digest>),
+        immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        quota: Option<u64>,
+        event: Option<(outbox::OutboxRef, Vec<u8>)>,
+    ) -> Result<()> {
         // Read-only checks first, so that refused input stores nothing; the transaction below
         // checks again, atomically with the write.
         for b in &refs.0 {
@@ -500,7 +520,7 @@ impl Store {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.put_manifest_once(repo, d, bytes.clone(), &meta, &tags, &expect, &refs, &immutable, quota).await {
+            match self.put_manifest_once(repo, d, bytes.clone(), &meta, &tags, &expect, &refs, &immutable, quota, &event).await {
                 // The bytes were an old orphan that a collection swept between their refresh
                 // and this write: store them again, once.
                 Err(StoreError::BlobMissing(x)) if x == *d && attempts == 1 => continue,
@@ -521,14 +541,18 @@ impl Store {
         refs: &(Vec<Digest>, Vec<Digest>),
         immutable: &Arc<dyn Fn(&str) -> bool + Send + Sync>,
         quota: Option<u64>,
+        event: &Option<(outbox::OutboxRef, Vec<u8>)>,
     ) -> Result<()> {
         let created = self.meta.blob(d)?.is_none();
         self.put_blob_bytes(bytes.clone(), d).await?;
         let (s, repo_owned, dd) = (self.clone(), repo.to_string(), d.clone());
         let (meta, tags_owned, expect, refs, immutable) = (meta.clone(), tags.to_vec(), expect.clone(), refs.clone(), immutable.clone());
+        let event = event.clone();
         let result = blocking(move || {
             let (repo, tags) = (repo_owned, tags_owned);
             let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let in_meta = s.meta.keeps_outbox();
+            let key = event.as_ref().map(|(r, _)| r.key());
             let put = ManifestPut {
                 meta: &meta,
                 tags: &tags,
@@ -538,9 +562,18 @@ impl Store {
                 immutable: &*immutable,
                 quota,
                 now_ms: now_ms(),
+                outbox: match (&event, &key) {
+                    (Some((_, body)), Some(k)) if in_meta => Some((k.as_str(), body.as_slice())),
+                    _ => None,
+                },
             };
             let _g = s.stripe(&dd).lock();
-            let res = s.meta.put_manifest(&repo, &dd, &put);
+            let mut res = s.meta.put_manifest(&repo, &dd, &put);
+            if let (Ok(()), Some((r, body)), false) = (&res, &event, in_meta) {
+                // Recorded after the manifest, so no event names a push that failed; if this
+                // write fails the push is answered with an error and the client pushes again.
+                res = s.outbox_append(r, body);
+            }
             if res.is_err() && created && s.meta.holders(&dd)?.is_empty() {
                 // Refused after all: take back the bytes this push stored.
                 if s.meta.forget_blob_if_unused(&dd, u64::MAX)?.is_some() {

@@ -3,7 +3,7 @@
 //! both. Methods block (disk, database commits): the `Store` facade calls them from blocking
 //! threads, never from the async workers, except the point reads marked as cheap.
 
-use super::error::Result;
+use super::error::{Result, StoreError};
 use crate::oci::{Digest, Hasher};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -148,6 +148,9 @@ pub struct ManifestPut<'a> {
     pub immutable: &'a dyn Fn(&str) -> bool,
     pub quota: Option<u64>,
     pub now_ms: u64,
+    /// An event outbox entry (key, body) written in the same transaction, by a metadata store
+    /// that `keeps_outbox`; others leave it to the caller.
+    pub outbox: Option<(&'a str, &'a [u8])>,
 }
 
 /// A blob being written, not yet visible under any digest.
@@ -342,6 +345,29 @@ pub trait MetaStore: Send + Sync {
     fn recount(&self, repair: bool) -> Result<Vec<String>>;
 
     // ---- this node's operational notes (not content: never replicated) ----
+    /// Whether the event outbox lives here, so that an event is written in the transaction of
+    /// what it records (one commit instead of two). Otherwise it is objects in the blob store.
+    fn keeps_outbox(&self) -> bool {
+        false
+    }
+
+    /// Adds an outbox entry; false if the key exists. Only where `keeps_outbox`.
+    fn outbox_put(&self, _key: &str, _body: &[u8]) -> Result<bool> {
+        Err(StoreError::Meta("this metadata store keeps no event outbox".into()))
+    }
+
+    fn outbox_keys(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn outbox_get(&self, _key: &str) -> Result<Option<Bytes>> {
+        Ok(None)
+    }
+
+    fn outbox_delete(&self, _keys: &[String]) -> Result<()> {
+        Ok(())
+    }
+
     fn note(&self, _key: &str) -> Result<Option<String>> {
         Ok(None)
     }

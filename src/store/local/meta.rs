@@ -11,6 +11,7 @@ use crate::store::error::{Result, StoreError};
 use crate::store::traits::{
     BlobRec, Classes, ManifestMeta, ManifestPut, MetaStore, RepoSummary, TagExpect, TagRec, UploadRec, Usage, CACHE_GROUP,
 };
+use bytes::Bytes;
 use parking_lot::RwLock;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use std::collections::HashMap;
@@ -43,6 +44,9 @@ const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 const MREFS: TableDefinition<&str, u64> = TableDefinition::new("mrefs");
 /// repo\0manifest -> the digests it references, space-separated (to undo MREFS on delete).
 const MREFS_OF: TableDefinition<&str, &str> = TableDefinition::new("mrefs_of");
+/// Pending events by `<node>/<name>` (see `store::outbox`), written in the transaction of the
+/// change they record.
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 const TOTAL: &str = "@total";
 const HOSTED: &str = "@hosted";
@@ -188,6 +192,7 @@ fn create_tables(tx: &WriteTransaction) -> Result<()> {
     tx.open_table(UPLOADS)?;
     tx.open_table(MREFS)?;
     tx.open_table(MREFS_OF)?;
+    tx.open_table(OUTBOX)?;
     Ok(())
 }
 
@@ -537,7 +542,22 @@ impl Batch<'_> {
         for t in put.tags {
             self.set_tag(repo, t, d, &put.expect, (put.immutable)(t), put.now_ms)?;
         }
+        if let Some((key, body)) = put.outbox {
+            if !self.outbox_put(key, body)? {
+                return Err(StoreError::Meta(format!("outbox entry {key} exists already")));
+            }
+        }
         Ok(())
+    }
+
+    /// False if the key exists.
+    fn outbox_put(&self, key: &str, body: &[u8]) -> Result<bool> {
+        let mut t = self.tx.open_table(OUTBOX)?;
+        if t.get(key)?.is_some() {
+            return Ok(false);
+        }
+        t.insert(key, body)?;
+        Ok(true)
     }
 
     fn add_refs(&self, repo: &str, refs: &[String], delta: i64) -> Result<()> {
@@ -651,6 +671,41 @@ fn as_ref_bounds(b: &(Bound<String>, Bound<String>)) -> (Bound<&str>, Bound<&str
 }
 
 impl MetaStore for RedbMeta {
+    fn keeps_outbox(&self) -> bool {
+        true
+    }
+
+    fn outbox_put(&self, key: &str, body: &[u8]) -> Result<bool> {
+        self.write(|b| b.outbox_put(key, body))
+    }
+
+    fn outbox_keys(&self) -> Result<Vec<String>> {
+        let rx = self.db.begin_read()?;
+        let t = rx.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            out.push(e?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    fn outbox_get(&self, key: &str) -> Result<Option<Bytes>> {
+        let rx = self.db.begin_read()?;
+        let t = rx.open_table(OUTBOX)?;
+        Ok(t.get(key)?.map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    fn outbox_delete(&self, keys: &[String]) -> Result<()> {
+        // Not synced: a removal a crash undoes only repeats a delivery.
+        self.write_lazy(|b| {
+            let mut t = b.tx.open_table(OUTBOX)?;
+            for k in keys {
+                t.remove(k.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
     fn blob(&self, d: &Digest) -> Result<Option<BlobRec>> {
         let rx = self.db.begin_read()?;
         let t = rx.open_table(BLOBS)?;
@@ -1106,7 +1161,7 @@ mod tests {
         m.put_manifest(
             repo,
             d,
-            &ManifestPut { meta: &meta, tags, expect, blobs: &[], children: &[], immutable: &imm, quota: None, now_ms: 1 },
+            &ManifestPut { meta: &meta, tags, expect, blobs: &[], children: &[], immutable: &imm, quota: None, now_ms: 1, outbox: None },
         )
     }
 

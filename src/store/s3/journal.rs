@@ -496,6 +496,7 @@ impl JournalMeta {
                     immutable: &|_| false,
                     quota: None,
                     now_ms: *now,
+                    outbox: None,
                 };
                 m.put_manifest(repo, &digest(d)?, &put)
             }
@@ -697,7 +698,19 @@ impl MetaStore for JournalMeta {
             children: ds(put.children),
             now: put.now_ms,
         };
-        self.write(op, |m| m.put_manifest(repo, d, put))
+        // The outbox is objects in the bucket here, which every node sees; the caller writes it.
+        let put = ManifestPut {
+            meta: put.meta,
+            tags: put.tags,
+            expect: put.expect.clone(),
+            blobs: put.blobs,
+            children: put.children,
+            immutable: put.immutable,
+            quota: put.quota,
+            now_ms: put.now_ms,
+            outbox: None,
+        };
+        self.write(op, |m| m.put_manifest(repo, d, &put))
     }
 
     fn manifest(&self, repo: &str, d: &Digest) -> Result<Option<ManifestMeta>> {
