@@ -1,7 +1,8 @@
 //! Events, webhooks and the audit log against the real binary: a receiver on loopback that
 //! checks every delivery's signature and counts events by id; it turns slow, goes away, berth
 //! is killed with -9 and restarted meanwhile, and every push is then delivered as recorded.
-//! Filters, dead letters and their replay, and the audit log with its rotation.
+//! Filters, dead letters and their replay, and the audit log with its rotation; in a cluster
+//! (S3 only), a dead node's events delivered by the lease holder.
 
 mod common;
 
@@ -457,4 +458,37 @@ fn a_mirror_fill_of_a_new_tag_is_an_event() {
     assert_eq!(e["data"]["upstream"], "docker.io");
     assert_eq!(e["data"]["tag"], "3");
     assert_eq!(e["data"]["digest"], md.as_str());
+}
+
+/// In a cluster, the events a node recorded and could not deliver before it died are
+/// delivered by the lease holder: none is lost with the node. Runs on S3 only.
+#[test]
+fn a_dead_nodes_events_are_delivered_by_the_lease_holder() {
+    let keep = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let hook = webhook(keep.path(), &format!("http://127.0.0.1:{port}/hook"), "timeout = \"1s\"\n");
+    let Some(mut c) = common::cluster::Nodes::start(2, "", &format!("[[namespace]]\nprefix = \"team\"\n\n{hook}")) else { return };
+    let holder =
+        |c: &common::cluster::Nodes| c.nodes.iter().position(|b| common::cluster::metric(b, "berth_cluster_lease_held") == Some(1.0));
+    assert!(common::eventually(Duration::from_secs(15), || holder(&c).is_some()));
+    let leader = holder(&c).unwrap();
+    let doomed = 1 - leader;
+    let http = client();
+    // Recorded on the node that dies, while the receiver is away.
+    let mut expected: HashMap<String, String> = HashMap::new();
+    for i in 0..5 {
+        let tag = format!("t{i}");
+        expected.insert(tag.clone(), push(&http, &c.nodes[doomed].url(), "team/app", &tag));
+    }
+    c.nodes[doomed].kill();
+    let r = Receiver::start(port, Arc::default(), Arc::new(AtomicU8::new(UP)));
+    let ok = common::eventually(Duration::from_secs(90), || r.distinct() >= 5);
+    assert!(ok, "delivered {} of 5; the lease holder's log:\n{}", r.distinct(), c.nodes[leader].log());
+    let got: HashMap<String, String> = r
+        .of_type("manifest.pushed")
+        .iter()
+        .map(|e| (e["data"]["tag"].as_str().unwrap().to_string(), e["data"]["digest"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(r.seen.lock().unwrap().bad_signatures, 0);
 }
