@@ -285,6 +285,11 @@ impl Events {
         !self.hooks.is_empty()
     }
 
+    /// Whether anything is delivered from here: a webhook or a replication rule.
+    pub fn delivers(&self) -> bool {
+        !self.hooks.is_empty() || !self.replicator.is_empty()
+    }
+
     /// The node as events name it: the cluster's advertised URL, or the host name.
     fn source(&self) -> String {
         match self.cluster.get() {
