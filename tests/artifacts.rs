@@ -229,16 +229,40 @@ fn buildkit_cache_as_image_manifest_survives_gc() {
 #[test]
 fn buildx_attestation_index_pushes_and_reads_back() {
     let reg = Reg::start("[[namespace]]\nprefix = \"team\"\n");
+    let build = push_buildx_index(&reg, "team/app", "v1", 10);
+    reg.assert_byte_exact("team/app", "v1", OCI_INDEX, &build.index);
+    for e in &build.entries {
+        let d = e["digest"].as_str().unwrap();
+        assert_eq!(reg.manifest_status("team/app", d), 200);
+    }
+}
+
+/// What `docker buildx build --attest` pushes: per platform an image and an attestation
+/// manifest (provenance and SBOM statements) naming it, both by digest, then an index over
+/// them tagged `tag`.
+fn push_buildx_index(reg: &Reg, repo: &str, tag: &str, seed: u64) -> BuildxIndex {
     let mut entries = Vec::new();
+    let mut attestations = Vec::new();
     for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
-        let (m, d) = push_image(&reg, "team/app", &format!("tmp-{arch}"), arch, 10 + i as u64);
-        let provenance = reg.push_blob("team/app", json!({"_type": "https://in-toto.io/Statement/v0.1", "predicateType": "https://slsa.dev/provenance/v0.2", "subject": [{"digest": {"sha256": &d[7..]}}]}).to_string().as_bytes());
+        let seed = seed + i as u64;
+        let layer = reg.push_blob(repo, &random_bytes(3000, seed));
+        let config = reg.push_blob(
+            repo,
+            json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}})
+                .to_string()
+                .as_bytes(),
+        );
+        let m = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": desc(OCI_CONFIG, &config), "layers": [desc(OCI_LAYER, &layer)]}))
+        .unwrap();
+        let d = reg.put_ok(repo, &digest(&m), OCI_MANIFEST, &m);
+        let provenance = reg.push_blob(repo, json!({"_type": "https://in-toto.io/Statement/v0.1", "predicateType": "https://slsa.dev/provenance/v0.2", "subject": [{"digest": {"sha256": &d[7..]}}]}).to_string().as_bytes());
         let sbom = reg.push_blob(
-            "team/app",
-            json!({"_type": "https://in-toto.io/Statement/v0.1", "predicateType": "https://spdx.dev/Document"}).to_string().as_bytes(),
+            repo,
+            json!({"_type": "https://in-toto.io/Statement/v0.1", "predicateType": "https://spdx.dev/Document", "subject": [{"digest": {"sha256": &d[7..]}}]}).to_string().as_bytes(),
         );
         let att_config = reg.push_blob(
-            "team/app",
+            repo,
             json!({"architecture": "unknown", "os": "unknown", "rootfs": {"type": "layers", "diff_ids": []}}).to_string().as_bytes(),
         );
         let mut p = desc(IN_TOTO, &provenance);
@@ -249,18 +273,62 @@ fn buildx_attestation_index_pushes_and_reads_back() {
             &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": desc(OCI_CONFIG, &att_config), "layers": [p, s]}),
         )
         .unwrap();
-        let att_d = reg.put_ok("team/app", &digest(&att), OCI_MANIFEST, &att);
+        let att_d = reg.put_ok(repo, &digest(&att), OCI_MANIFEST, &att);
+        let blobs = [&att_config, &provenance, &sbom].iter().map(|b| b["digest"].as_str().unwrap().to_string()).collect();
+        attestations.push((att_d.clone(), blobs));
         entries.push(json!({"mediaType": OCI_MANIFEST, "digest": d, "size": m.len(), "platform": {"architecture": arch, "os": "linux"}}));
         entries.push(json!({"mediaType": OCI_MANIFEST, "digest": att_d, "size": att.len(),
             "annotations": {"vnd.docker.reference.digest": d, "vnd.docker.reference.type": "attestation-manifest"},
             "platform": {"architecture": "unknown", "os": "unknown"}}));
     }
     let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})).unwrap();
-    reg.put_ok("team/app", "v1", OCI_INDEX, &index);
-    reg.assert_byte_exact("team/app", "v1", OCI_INDEX, &index);
-    for e in &entries {
-        let d = e["digest"].as_str().unwrap();
-        assert_eq!(reg.manifest_status("team/app", d), 200);
+    reg.put_ok(repo, tag, OCI_INDEX, &index);
+    BuildxIndex { index, entries, attestations }
+}
+
+struct BuildxIndex {
+    index: Vec<u8>,
+    entries: Vec<Value>,
+    /// Per attestation manifest its digest and the blobs it references (config first).
+    attestations: Vec<(String, Vec<String>)>,
+}
+
+/// Buildx attestations are untagged children of their image's index: GC keeps them (and their
+/// statements) while the index is tagged, and retention takes them with the index once its tag
+/// expires.
+#[test]
+fn buildx_attestations_live_and_die_with_their_index() {
+    let reg = Reg::with_storage("gc_grace = \"0s\"\n", "[[namespace]]\nprefix = \"team\"\nkeep_tags = 1\n");
+    let mut builds = Vec::new();
+    for (i, tag) in ["v1", "v2"].iter().enumerate() {
+        builds.push(push_buildx_index(&reg, "team/app", tag, 70 + 10 * i as u64));
+        // Tag times order retention; the next build must be newer.
+        let first = std::time::SystemTime::now();
+        assert!(common::eventually(Duration::from_secs(2), || first.elapsed().unwrap() >= Duration::from_millis(2)));
+    }
+    let report = reg.gc();
+    assert_eq!(reg.tags("team/app"), BTreeSet::from(["v2".to_string()]), "{report}");
+    let (old, new) = (&builds[0], &builds[1]);
+    reg.assert_byte_exact("team/app", "v2", OCI_INDEX, &new.index);
+    for e in &new.entries {
+        assert_eq!(reg.manifest_status("team/app", e["digest"].as_str().unwrap()), 200, "GC kept the index's child: {report}");
+    }
+    for (att, blobs) in &new.attestations {
+        assert_eq!(reg.manifest_status("team/app", att), 200, "{report}");
+        for b in blobs {
+            assert!(reg.blob_ok("team/app", b), "GC kept what an attestation references: {report}");
+        }
+    }
+    // The expired build's index, images and attestations are gone, and so are the statements
+    // only they referenced (the attestation config is the same document in every build).
+    for e in &old.entries {
+        assert_eq!(reg.manifest_status("team/app", e["digest"].as_str().unwrap()), 404, "{report}");
+    }
+    for (att, blobs) in &old.attestations {
+        assert_eq!(reg.manifest_status("team/app", att), 404, "an attestation goes with its index: {report}");
+        for b in &blobs[1..] {
+            assert!(!reg.blob_ok("team/app", b), "{b} outlived its attestation: {report}");
+        }
     }
 }
 

@@ -396,6 +396,150 @@ fn delete_manifest_then_gc_dry_run() {
     assert!(again.contains(&freed), "a second dry run frees the same: {again}");
 }
 
+/// A webhook receiver on loopback that takes every delivery with 200 and counts them.
+struct Receiver {
+    port: u16,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", common::free_port())).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = received.clone();
+        // Lives as long as the test process; each connection carries one request.
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 8192]);
+                let complete = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize =
+                            head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok())).unwrap_or(0);
+                        if buf.len() >= end + len {
+                            break true;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                if complete {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+            }
+        });
+        Receiver { port, received }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+}
+
+fn webhook_to(dir: &std::path::Path, r: &Receiver) -> String {
+    let secret = dir.join("hook.secret");
+    std::fs::write(&secret, "a-webhook-secret-of-some-length\n").unwrap();
+    format!("[[webhook]]\nurl = \"{}\"\nsecret_file = \"{}\"\n", r.url(), secret.display())
+}
+
+/// Logs `user` in through the login form; returns the session cookie to send.
+fn log_in(c: &Client, b: &Berth, user: &str, password: &str) -> String {
+    let r = c.get(format!("{}/ui/login", b.url())).send().unwrap();
+    let token_cookie = cookie(&r, "berth_csrf").unwrap().split(';').next().unwrap().to_string();
+    let csrf = hidden_csrf(&r.text().unwrap());
+    let r = c
+        .post(format!("{}/ui/login", b.url()))
+        .header("Cookie", &token_cookie)
+        .form(&[("csrf", csrf.as_str()), ("username", user), ("password", password)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 303, "log in as {user}");
+    cookie(&r, "berth_session").unwrap().split(';').next().unwrap().to_string()
+}
+
+/// Recent webhook deliveries: a page linked from the header for those who may run a
+/// collection, showing a push's delivery to a loopback receiver as delivered; nobody else
+/// sees it, and without a webhook or replication rule there is no such page.
+#[test]
+fn recent_deliveries_show_a_push_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start();
+    let hook = webhook_to(dir.path(), &r);
+    let b = Berth::start_in(dir, &format!("[[namespace]]\nprefix = \"team\"\n\n{hook}"));
+    let p = Pusher { b: &b, c: client(), user: None };
+    let (d, _) = p.image("team/app", Some("v1"), "amd64", json!({}));
+    let c = client();
+    let (status, _, home) = html(c.get(format!("{}/ui/", b.url())).send().unwrap());
+    assert_eq!(status, 200);
+    assert!(home.contains("href=\"/ui/deliveries\" id=\"deliveries\""), "{home}");
+    let page = || html(c.get(format!("{}/ui/deliveries", b.url())).send().unwrap());
+    let mut last = String::new();
+    let shown = common::eventually(Duration::from_secs(20), || {
+        let (status, _, text) = page();
+        assert_eq!(status, 200, "{text}");
+        last = text;
+        last.contains("<td class=\"status\">delivered (200)</td>")
+    });
+    assert!(shown, "the push never showed as delivered: {last}");
+    assert!(r.received.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let row = last.split("<tr class=\"delivery delivered\">").nth(1).unwrap().split("</tr>").next().unwrap();
+    assert!(row.contains("dev.berth.manifest.pushed") && row.contains(">team&#x2f;app<"), "{row}");
+    assert!(row.contains(&format!("127.0.0.1:{}", r.port)), "the target: {row}");
+    assert!(row.contains("<td class=\"num attempts\">1</td>") && row.contains("<td class=\"error\"></td>"), "{row}");
+    assert!(row.contains("<td class=\"time\">20"), "{row}");
+    // The admin listener lists the same delivery.
+    let admin: Value = c.get(format!("{}/events/deliveries", b.admin_url())).send().unwrap().json().unwrap();
+    assert!(admin.as_array().unwrap().iter().any(|x| x["status"] == "delivered" && x["subject"] == "team/app"), "{admin} ({d})");
+
+    // Under [auth]: only users who may push see it.
+    let dir = tempfile::tempdir().unwrap();
+    let hook = webhook_to(dir.path(), &r);
+    let ht = dir.path().join("htpasswd");
+    let text: String = USERS.iter().map(|(u, pw)| format!("{u}:{}\n", bcrypt::hash(pw, 4).unwrap())).collect();
+    std::fs::write(&ht, text).unwrap();
+    let b = Berth::start_in(dir, &format!("[auth]\nhtpasswd = \"{}\"\n{RULES}\n{hook}", ht.display()));
+    alice(&b).image("secret/app", Some("1"), "amd64", json!({}));
+    let as_who = |session: Option<&str>| {
+        let get = |path: &str| {
+            let r = c.get(format!("{}{path}", b.url()));
+            html(
+                match session {
+                    Some(s) => r.header("Cookie", s),
+                    None => r,
+                }
+                .send()
+                .unwrap(),
+            )
+        };
+        (get("/ui/"), get("/ui/deliveries"))
+    };
+    let ((_, _, home), (status, _, _)) = as_who(None);
+    assert!(!home.contains("id=\"deliveries\""), "{home}");
+    assert_eq!(status, 403, "anonymous visitors see no deliveries");
+    let bob = log_in(&c, &b, USERS[1].0, USERS[1].1);
+    let ((_, _, home), (status, _, _)) = as_who(Some(&bob));
+    assert!(!home.contains("id=\"deliveries\""), "{home}");
+    assert_eq!(status, 403, "bob may push nowhere");
+    let alice_session = log_in(&c, &b, USERS[0].0, USERS[0].1);
+    assert!(common::eventually(Duration::from_secs(20), || {
+        let ((_, _, home), (status, _, page)) = as_who(Some(&alice_session));
+        home.contains("id=\"deliveries\"") && status == 200 && page.contains(">secret&#x2f;app<") && page.contains("delivered (200)")
+    }));
+
+    // No webhook, no replication: no link and no page.
+    let b = Berth::start("[[namespace]]\nprefix = \"team\"\n");
+    Pusher { b: &b, c: client(), user: None }.image("team/app", Some("v1"), "amd64", json!({}));
+    let (_, _, home) = html(c.get(format!("{}/ui/", b.url())).send().unwrap());
+    assert!(home.contains("id=\"gc\"") && !home.contains("id=\"deliveries\""), "{home}");
+    assert_eq!(c.get(format!("{}/ui/deliveries", b.url())).send().unwrap().status(), 404);
+}
+
 /// home → repository → tag → platform → layers, referrers, and search, in a real browser.
 #[test]
 fn browser_clicks_through_repositories_without_auth() {

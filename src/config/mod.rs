@@ -602,13 +602,17 @@ pub struct Upstream {
     pub warm: Warm,
 }
 
+/// Event names as `[[webhook]] events` takes them: the CloudEvents type without `dev.berth.`.
+/// Kept here, not in `events`, because `events` reads its webhooks from this module.
+pub const EVENT_KINDS: &[&str] = &["manifest.pushed", "tag.deleted", "manifest.deleted", "mirror.filled", "quota.refused", "gc.completed"];
+
 /// An upstream's `prefetch`, `prefetch_platforms`, `pin` and `watch_window`, validated.
 #[derive(Debug, Clone)]
 pub struct Warm {
     /// Repositories and tag patterns fetched at start and every `tag_ttl`.
     pub prefetch: Vec<PrefetchRef>,
     /// The platforms of an index that are prefetched; empty: all of them.
-    pub platforms: Vec<crate::registry::warm::Platform>,
+    pub platforms: Vec<crate::oci::manifest::Platform>,
     /// Prefetched content is never evicted.
     pub pin: bool,
     /// Tags pulled within this are checked at their TTL and, when moved, fetched again for the
@@ -839,7 +843,7 @@ impl Config {
             let platforms = u
                 .prefetch_platforms
                 .iter()
-                .map(|p| crate::registry::warm::Platform::parse(p))
+                .map(|p| crate::oci::manifest::Platform::parse(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid(key("prefetch_platforms"), e))?;
             let warm = Warm { prefetch, platforms, pin: u.pin, watch_window: u.watch_window };
@@ -991,8 +995,8 @@ impl Config {
             }
             if let Some(events) = &w.events {
                 for e in events {
-                    if !crate::events::KINDS.contains(&e.as_str()) {
-                        return Err(invalid(key("events"), format!("{e:?} is not one of {}", crate::events::KINDS.join(", "))));
+                    if !EVENT_KINDS.contains(&e.as_str()) {
+                        return Err(invalid(key("events"), format!("{e:?} is not one of {}", EVENT_KINDS.join(", "))));
                     }
                 }
             }

@@ -27,8 +27,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Event names as `[[webhook]] events` takes them: the CloudEvents type without `dev.berth.`.
-pub const KINDS: &[&str] = &["manifest.pushed", "tag.deleted", "manifest.deleted", "mirror.filled", "quota.refused", "gc.completed"];
+/// Event names; `config` owns the list because it validates `[[webhook]] events` against it.
+pub use crate::config::EVENT_KINDS as KINDS;
 
 const TYPE_PREFIX: &str = "dev.berth.";
 
@@ -283,6 +283,11 @@ impl Events {
 
     pub fn has_webhooks(&self) -> bool {
         !self.hooks.is_empty()
+    }
+
+    /// Whether anything is delivered from here: a webhook or a replication rule.
+    pub fn delivers(&self) -> bool {
+        !self.hooks.is_empty() || !self.replicator.is_empty()
     }
 
     /// The node as events name it: the cluster's advertised URL, or the host name.

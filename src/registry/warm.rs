@@ -21,7 +21,7 @@ use super::mirror::Mirror;
 use super::{Body, Request, Response};
 use crate::config::Upstream;
 use crate::metrics;
-use crate::oci::manifest::Descriptor;
+use crate::oci::manifest::{Descriptor, Platform};
 use crate::oci::{Digest, OciError, Reference, RepoName, Tag};
 use futures::StreamExt;
 use http::{HeaderMap, Method};
@@ -42,49 +42,6 @@ const MAX_TAG_PAGES: usize = 100;
 /// `tag_ttl` (at most five minutes).
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
-
-/// An `os/arch[/variant]` as an index entry's `platform` names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Platform {
-    pub os: String,
-    pub arch: String,
-    pub variant: Option<String>,
-}
-
-impl Platform {
-    pub fn parse(s: &str) -> Result<Platform, String> {
-        let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &&str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-        match parts.as_slice() {
-            [os, arch] | [os, arch, _] if parts.iter().all(ok) => {
-                Ok(Platform { os: os.to_string(), arch: arch.to_string(), variant: parts.get(2).map(|v| v.to_string()) })
-            }
-            _ => Err(format!("{s:?}: a platform is os/arch or os/arch/variant, as in \"linux/arm64\" or \"linux/arm/v7\"")),
-        }
-    }
-
-    /// The platform of an index entry, if it names one.
-    fn of(d: &Descriptor) -> Option<Platform> {
-        let p = d.platform.as_ref()?;
-        let s = |k: &str| p.get(k).and_then(|v| v.as_str()).filter(|v| !v.is_empty()).map(str::to_string);
-        Some(Platform { os: s("os")?, arch: s("architecture")?, variant: s("variant") })
-    }
-
-    /// Whether `entry` is this platform; a pattern without a variant takes every variant.
-    fn covers(&self, entry: &Platform) -> bool {
-        self.os == entry.os && self.arch == entry.arch && (self.variant.is_none() || self.variant == entry.variant)
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Which entries of an index to fetch.
 #[derive(Clone)]

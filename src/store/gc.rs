@@ -37,8 +37,9 @@ impl Store {
     /// Signatures, attestations and SBOMs live as long as their subject: tags that attach them
     /// by name (cosign's `sha256-<hex>.sig`/`.att`/`.sbom`, the OCI referrers tag schema's
     /// `sha256-<hex>`) do not count against `keep_tags` and go with their subject, and so do
-    /// untagged referrers (`subject`). Both only past `cutoff`: a client may push a signature
-    /// before the image it signs.
+    /// untagged referrers (`subject`). An index's untagged children (platform images, buildx
+    /// attestation manifests) go with the last index holding them. All only past `cutoff`: a
+    /// client may push a signature before the image it signs, or children before their index.
     fn retention(&self, repo: &str, policy: &Policy, cutoff: u64, dry_run: bool, report: &mut GcReport) -> Result<()> {
         let (attached, plain): (Vec<_>, Vec<_>) =
             self.meta.tags_with_times(repo)?.into_iter().partition(|(t, _)| attached_subject(t).is_some());
@@ -49,15 +50,27 @@ impl Store {
         let mut candidates: Vec<Digest> = by_age.iter().filter(|(_, t, _)| expired.contains(t)).map(|(_, _, d)| d.clone()).collect();
         let manifests: HashMap<Digest, Option<Digest>> =
             self.meta.manifests(repo)?.into_iter().map(|(d, m)| (d, m.subject.as_deref().and_then(|s| Digest::parse(s).ok()))).collect();
-        let children: HashSet<Digest> = self.manifest_refs(repo)?.into_iter().flat_map(|(_, refs)| refs).collect();
+        let refs: HashMap<Digest, HashSet<Digest>> =
+            self.manifest_refs(repo)?.into_iter().map(|(d, rs)| (d, rs.into_iter().collect())).collect();
+        // How many manifests not (yet) removed reference each digest.
+        let mut held: HashMap<&Digest, usize> = HashMap::new();
+        for r in refs.values().flatten() {
+            *held.entry(r).or_default() += 1;
+        }
         let mut gone: Vec<Digest> = Vec::new();
         let mut expired_attached: HashSet<&str> = HashSet::new();
+        let mut last = None;
         loop {
             for d in candidates.drain(..) {
                 let tagged = by_age.iter().any(|(_, t, x)| *x == d && !expired.contains(t))
                     || attached.iter().any(|(t, r)| r.digest == d && !expired_attached.contains(t.as_str()));
-                if tagged || children.contains(&d) || gone.contains(&d) || !manifests.contains_key(&d) {
+                // A child of an index still kept stays; one only removed indexes held goes too.
+                let child = held.get(&d).is_some_and(|n| *n > 0);
+                if tagged || child || gone.contains(&d) || !manifests.contains_key(&d) {
                     continue;
+                }
+                for r in refs.get(&d).into_iter().flatten() {
+                    held.entry(r).and_modify(|n| *n -= 1);
                 }
                 gone.push(d);
             }
@@ -72,15 +85,26 @@ impl Store {
                     candidates.push(r.digest.clone());
                 }
             }
+            // An index's children (platform images, buildx attestation manifests) go with the
+            // last index that holds them, past `cutoff` like referrers.
+            for d in gone.iter().flat_map(|g| refs.get(g)).flatten() {
+                if manifests.contains_key(d) && !gone.contains(d) && self.meta.blob(d)?.is_some_and(|b| b.used_ms <= cutoff) {
+                    candidates.push(d.clone());
+                }
+            }
             for (d, subject) in &manifests {
                 if subject.as_ref().is_some_and(absent) && !gone.contains(d) && self.meta.blob(d)?.is_some_and(|b| b.used_ms <= cutoff) {
                     candidates.push(d.clone());
                 }
             }
             candidates.retain(|d| !gone.contains(d));
-            if candidates.is_empty() {
+            // A candidate kept for good (tagged, or held by a kept index) comes back every round;
+            // once a round removes nothing, the next would find the same.
+            let progress = (gone.len(), expired_attached.len());
+            if candidates.is_empty() || last == Some(progress) {
                 break;
             }
+            last = Some(progress);
         }
         expired.extend(attached.iter().filter(|(t, _)| expired_attached.contains(t.as_str())).map(|(t, _)| t.clone()));
         for t in &expired {

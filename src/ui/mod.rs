@@ -31,6 +31,7 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("confirm.html", include_str!("templates/confirm.html")),
         ("login.html", include_str!("templates/login.html")),
         ("gc.html", include_str!("templates/gc.html")),
+        ("deliveries.html", include_str!("templates/deliveries.html")),
         ("error.html", include_str!("templates/error.html")),
     ] {
         env.add_template(name, source).expect("embedded template parses");
@@ -132,6 +133,7 @@ fn render(status: u16, template: &str, viewer: &Viewer, reg: &Registry, req: &Re
         obj.insert("csrf".into(), viewer.csrf.clone().into());
         obj.insert("auth_on".into(), reg.auth.is_some().into());
         obj.insert("may_collect".into(), pages::may_collect(reg, viewer).into());
+        obj.insert("may_see_deliveries".into(), pages::may_see_deliveries(reg, viewer).into());
         obj.entry("q").or_insert_with(|| req.param("q").unwrap_or_default().into());
     }
     let html = TEMPLATES.get_template(template).and_then(|t| t.render(minijinja::Value::from_serialize(&ctx)));

@@ -63,6 +63,9 @@ pub async fn route(
     if rest == "gc" {
         return gc(reg, req, body, viewer, post).await;
     }
+    if rest == "deliveries" {
+        return if get { deliveries(reg, req, viewer) } else { Err(method_not_allowed()) };
+    }
     let Some(repo_path) = rest.strip_prefix("r/") else {
         return Err(UiError::not_found(format!("There is no page {}.", req.path)));
     };
@@ -725,6 +728,44 @@ async fn gc(reg: &Registry, req: &Request<'_>, body: &mut dyn RequestBody, viewe
         return Err(method_not_allowed());
     }
     Ok(render(200, "gc.html", viewer, reg, req, ctx))
+}
+
+/// Whether the visitor sees recent deliveries: only where a webhook or replication rule
+/// delivers, and to those who may run a collection.
+pub fn may_see_deliveries(reg: &Registry, viewer: &Viewer) -> bool {
+    reg.events.delivers() && may_collect(reg, viewer)
+}
+
+/// The latest state of each delivery this process made (what the admin listener's
+/// `/events/deliveries` lists), newest first.
+fn deliveries(reg: &Registry, req: &Request<'_>, viewer: &Viewer) -> Result<Response, UiError> {
+    if !reg.events.delivers() {
+        return Err(UiError::not_found("No webhook or replication is configured, so nothing is delivered from here."));
+    }
+    if !may_collect(reg, viewer) {
+        return Err(UiError::new(403, "Log in as a user who may push to see recent deliveries."));
+    }
+    let rows: Vec<Value> = reg
+        .events
+        .recent()
+        .into_iter()
+        // Events about repositories this visitor may not see stay hidden, as on the GC page.
+        .filter(|d| d.subject.as_deref().is_none_or(|s| visible_name(reg, viewer, s).is_some()))
+        .take(PAGE)
+        .map(|d| {
+            json!({
+                "time": d.time,
+                "kind": d.kind,
+                "subject": d.subject,
+                "to": d.webhook,
+                "status": d.status,
+                "code": d.code,
+                "attempts": d.attempts,
+                "error": d.error,
+            })
+        })
+        .collect();
+    Ok(render(200, "deliveries.html", viewer, reg, req, json!({"title": "Recent deliveries", "deliveries": rows})))
 }
 
 #[cfg(test)]
