@@ -21,7 +21,9 @@ fn ask_running(addr: std::net::SocketAddr, path: &str, what: &str) -> Result<Str
         let status = r.status();
         let body = r.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
-            return Err(format!("the running berth answered {status}: {body}"));
+            // A JSON refusal (another cluster member holds the maintenance lease) says why.
+            let why = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["error"].as_str().map(str::to_string));
+            return Err(format!("the running berth at {addr} answered {status}: {}", why.as_deref().unwrap_or(body.trim_end())));
         }
         Ok(body)
     })
@@ -32,10 +34,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Runs GC. When the server is running, it runs inside the server (POST /gc on the admin
-/// listener) so its index and locks stay authoritative; otherwise on the store directly.
+/// listener) so its index and locks stay authoritative, and in a cluster only where the
+/// maintenance lease is held; otherwise on the store directly, which a cluster member refuses.
 pub fn gc(config: Config, dry_run: bool) -> Result<String, String> {
     if let Some(addr) = running_admin(&config) {
         return ask_running(addr, &format!("/gc?dry_run={dry_run}"), "collect");
+    }
+    if config.cluster.is_some() {
+        // Other members may be collecting or pushing on the bucket; only a running member can
+        // take the maintenance lease that keeps to one GC at a time.
+        return Err("this config has [cluster]: start this node (berth gc then runs inside it, under the maintenance lease) or ask a running member".into());
     }
     let store = config.open_store()?;
     let registry = Registry::new(std::sync::Arc::new(config), store)?;

@@ -273,9 +273,11 @@ fn a_tag_is_fetched_and_checked_by_its_owner_only() {
 fn gc_on_one_node_while_others_push() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = Nodes::start(3, "gc_grace = \"0s\"", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    // GC runs where the maintenance lease is held; the other two push.
+    let holder = lease_holder(&c);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc = {
-        let (admin, stop) = (c.nodes[0].admin_url(), stop.clone());
+        let (admin, stop) = (c.nodes[holder].admin_url(), stop.clone());
         std::thread::spawn(move || {
             let http = client();
             let mut runs = 0;
@@ -286,8 +288,8 @@ fn gc_on_one_node_while_others_push() {
             runs
         })
     };
-    let pushers: Vec<_> = [1usize, 2]
-        .into_iter()
+    let pushers: Vec<_> = (0..3usize)
+        .filter(|n| *n != holder)
         .map(|node| {
             let base = c.nodes[node].url();
             std::thread::spawn(move || {
@@ -469,4 +471,266 @@ fn real_clients_through_a_round_robin() {
     let listed = d.ctr("berth-cluster", &["images", "ls"]).expect_ok().stdout;
     assert!(listed.lines().any(|l| l.starts_with("docker.io/library/tool:2") && l.contains(mirrored.as_str())), "{listed}");
     assert_eq!(fake.count("GET manifest"), 1, "one upstream fetch of the tag through three nodes");
+}
+
+// ---- lifecycle under the lease, the engine check, the hot path, uploads losing a node ----
+
+/// The node holding the maintenance lease, once exactly one does.
+fn lease_holder(c: &Nodes) -> usize {
+    let held = |b: &Berth| metric(b, "berth_cluster_lease_held") == Some(1.0);
+    assert!(eventually(Duration::from_secs(15), || c.nodes.iter().filter(|b| held(b)).count() == 1), "no single lease holder");
+    c.nodes.iter().position(held).unwrap()
+}
+
+/// A GC asked for on the admin listener or with `berth gc` runs only on the lease holder:
+/// elsewhere it is refused with 409 naming the holder, and `berth gc` says so and fails.
+#[test]
+fn a_manual_gc_runs_only_where_the_maintenance_lease_is_held() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Nodes::start(2, "", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    let holder = lease_holder(&c);
+    let other = 1 - holder;
+    let http = client();
+    let r = http.post(format!("{}/gc", c.nodes[other].admin_url())).send().unwrap();
+    assert_eq!(r.status(), 409, "a GC on the node without the lease");
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["lease_holder"], c.peers[holder].as_str(), "{body}");
+    let why = body["error"].as_str().unwrap();
+    assert!(why.contains("maintenance lease") && why.contains(&c.peers[holder]), "{why}");
+    // A dry run is a run too: one at a time, on the holder.
+    assert_eq!(http.post(format!("{}/gc?dry_run=true", c.nodes[other].admin_url())).send().unwrap().status(), 409);
+    let r = http.post(format!("{}/gc", c.nodes[holder].admin_url())).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().unwrap()["dry_run"], false);
+
+    let berth_gc = |node: usize| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("gc").arg("--config").arg(&c.nodes[node].config_path);
+        cmd::run(&mut cmd, Duration::from_secs(60))
+    };
+    let refused = berth_gc(other);
+    assert!(!refused.ok, "berth gc on the node without the lease must fail: {}", refused.stdout);
+    assert!(
+        refused.stderr.contains("409") && refused.stderr.contains("maintenance lease") && refused.stderr.contains(&c.peers[holder]),
+        "{}",
+        refused.stderr
+    );
+    berth_gc(holder).expect_ok();
+    // Still one holder: a manual run did not take the lease from it.
+    assert_eq!(lease_holder(&c), holder);
+}
+
+/// A loopback S3 endpoint that ignores `If-None-Match: *` on PUT, built on the real one: each
+/// request goes to `upstream` unchanged (the header is signed, so it cannot be dropped), and a
+/// create-only PUT the real engine refuses with 412 is answered 200, as an engine that
+/// overwrote would. Returns the endpoint and how many refusals it turned into successes.
+fn engine_ignoring_conditional_writes(upstream: &str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let overruled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = overruled.clone();
+    // One request per connection, each relayed on a fresh upstream connection that the
+    // upstream closes after its answer: no response framing to parse.
+    let relay = move |mut client: TcpStream, upstream: String, counter: Arc<std::sync::atomic::AtomicUsize>| -> std::io::Result<()> {
+        client.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = Vec::new();
+        let mut piece = [0u8; 65536];
+        let head_len = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = client.read(&mut piece)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&piece[..n]);
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(&buf[..head_len]).map_err(std::io::Error::other)?;
+        let method = req.method.unwrap_or("").to_string();
+        let header = |name: &str| {
+            req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).to_string())
+        };
+        let conditional = method == "PUT" && header("if-none-match").is_some();
+        assert!(header("transfer-encoding").is_none(), "the stand-in engine reads sized bodies only");
+        let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        while buf.len() < head_len + length {
+            let n = client.read(&mut piece)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&piece[..n]);
+        }
+        let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+        let mut up = TcpStream::connect(&upstream)?;
+        up.set_read_timeout(Some(Duration::from_secs(30)))?;
+        // Connection is not a signed header; it makes the upstream close after answering.
+        up.write_all(&buf[..line_end])?;
+        up.write_all(b"Connection: close\r\n")?;
+        up.write_all(&buf[line_end..head_len + length])?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        if conditional && answer.starts_with(b"HTTP/1.1 412") {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            answer =
+                b"HTTP/1.1 200 OK\r\nETag: \"00000000000000000000000000000000\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec();
+        }
+        client.write_all(&answer)?;
+        client.shutdown(std::net::Shutdown::Both)
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let (upstream, counter) = (upstream.clone(), counter.clone());
+            std::thread::spawn(move || {
+                let _ = relay(conn, upstream, counter);
+            });
+        }
+    });
+    (url, overruled)
+}
+
+/// On an engine that ignores conditional writes, a `[cluster]` node refuses to start and
+/// says why.
+#[test]
+fn a_cluster_refuses_an_engine_without_conditional_writes() {
+    if !backend_is_s3() {
+        eprintln!("skipping: the cluster runs on S3 only (BERTH_TEST_BACKEND=s3)");
+        return;
+    }
+    let real = std::env::var("BERTH_TEST_S3_ENDPOINT").unwrap();
+    let (endpoint, overruled) = engine_ignoring_conditional_writes(&real);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = Berth::write_config(dir.path(), "", "", "");
+    let secret = dir.path().join("cluster.secret");
+    std::fs::write(&secret, "a-shared-secret-for-the-test-cluster\n").unwrap();
+    let peer = common::free_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(&format!("endpoint = \"{real}\""), &format!("endpoint = \"{endpoint}\""));
+    assert!(text.contains(&endpoint), "the config points at the stand-in engine");
+    let text = format!(
+        "{text}\n[cluster]\nadvertise = \"http://127.0.0.1:{peer}\"\nlisten = \"127.0.0.1:{peer}\"\nsecret_file = \"{}\"\n",
+        secret.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let log_path = dir.path().join("berth.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    eventually(Duration::from_secs(60), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("berth kept running on an engine without conditional writes; log:\n{log}");
+    };
+    assert!(!status.success(), "{status}; log:\n{log}");
+    assert!(overruled.load(std::sync::atomic::Ordering::SeqCst) > 0, "the stand-in engine overruled no create-only PUT");
+    assert!(log.contains("ignores conditional writes") && log.contains("cluster refuses to start"), "{log}");
+}
+
+/// On a node that has served a tag once, more pulls of the manifest by tag send nothing to
+/// the bucket. Heartbeats, journal polling and health probes still do, so the check looks for
+/// a window of pulls with no storage request at all; a pull that touched the bucket would
+/// show in every window.
+#[test]
+fn the_hot_path_does_not_touch_the_bucket() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // A slow heartbeat leaves room for windows without background requests.
+    let Some(c) = Nodes::start_with_heartbeat(2, "5s", "10s", "", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    let http = client();
+    let (s, md) = push_image(&http, &c.nodes[0].url(), "team/hot", "1", &common::random_bytes(100_000, 9));
+    assert_eq!(s, 201);
+    let reader = &c.nodes[1];
+    let pull = || {
+        let r = http.get(format!("{}/v2/team/hot/manifests/1", reader.url())).header("Accept", OCI_MANIFEST).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], md.as_str());
+        r.bytes().unwrap();
+    };
+    pull();
+    const PULLS: usize = 50;
+    let mut deltas = Vec::new();
+    for _ in 0..20 {
+        let before = metric_sum(reader, "berth_storage_requests_total");
+        for _ in 0..PULLS {
+            pull();
+        }
+        let after = metric_sum(reader, "berth_storage_requests_total");
+        deltas.push(after - before);
+        if after == before {
+            break;
+        }
+    }
+    assert!(deltas.contains(&0.0), "storage requests per window of {PULLS} pulls: {deltas:?}");
+    assert!(deltas.iter().all(|d| *d < PULLS as f64), "some window's pulls touched the bucket: {deltas:?}");
+}
+
+/// A chunked upload whose node dies between PATCHes, continued on another node: it either
+/// completes with the exact bytes on every live node, or fails with an OCI error; never a
+/// 201 for other bytes.
+#[test]
+fn an_upload_whose_node_dies_continues_or_fails_cleanly() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Nodes::start(3, "", "[[namespace]]\nprefix = \"team\"\n") else { return };
+    let http = client();
+    let data = common::random_bytes(3 << 20, 31);
+    let (first, rest) = data.split_at(1 << 20);
+    let d = digest(&data);
+    let r = http.post(format!("{}/v2/team/up/blobs/uploads/", c.nodes[0].url())).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let path = location.trim_start_matches(&c.nodes[0].url()).to_string();
+    let r = http
+        .patch(format!("{}{path}", c.nodes[0].url()))
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Range", format!("0-{}", first.len() - 1))
+        .body(first.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().unwrap());
+    c.nodes[0].kill();
+    let oci_error = |r: reqwest::blocking::Response, step: &str| {
+        let status = r.status();
+        assert!(status.is_client_error() || status.is_server_error(), "{step}: {status}");
+        let body: serde_json::Value = r.json().unwrap_or_else(|e| panic!("{step}: {status} without an OCI error body: {e}"));
+        let code = body["errors"][0]["code"].as_str().unwrap_or_else(|| panic!("{step}: {status} {body}"));
+        let message = body["errors"][0]["message"].as_str().unwrap_or("");
+        assert!(!code.is_empty() && !message.is_empty(), "{step}: {body}");
+        eprintln!("{step} after the node died: {status} {code}: {message}");
+    };
+    let b = c.nodes[1].url();
+    let r = http
+        .patch(format!("{b}{path}"))
+        .header("Content-Type", "application/octet-stream")
+        .header("Content-Range", format!("{}-{}", first.len(), data.len() - 1))
+        .body(rest.to_vec())
+        .send()
+        .unwrap();
+    if r.status() != 202 {
+        return oci_error(r, "PATCH");
+    }
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let r = http.put(format!("{b}{path}{sep}digest={d}")).send().unwrap();
+    if r.status() != 201 {
+        return oci_error(r, "PUT");
+    }
+    for node in &c.nodes[1..] {
+        let r = http.get(format!("{}/v2/team/up/blobs/{d}", node.url())).send().unwrap();
+        assert_eq!(r.status(), 200, "a blob acknowledged with 201 reads back on {}", node.url());
+        assert!(r.bytes().unwrap() == data, "the blob on {} is the bytes uploaded", node.url());
+    }
 }

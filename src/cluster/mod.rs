@@ -102,9 +102,22 @@ pub struct Cluster {
     urls: Mutex<HashMap<String, String>>,
     /// When this node last created a lease epoch, if it holds the newest one.
     held: Mutex<Option<Instant>>,
+    /// The member id in the newest lease epoch seen, whoever it is.
+    holder: Mutex<Option<String>>,
+    /// One heartbeat at a time: a run an operator asks for beats outside the thread, and two
+    /// takes of the same epoch by one node would make it drop a lease it won.
+    beating: Mutex<()>,
     http: reqwest::Client,
     rt: tokio::runtime::Runtime,
     stopped: AtomicBool,
+}
+
+/// Why this node may not run GC or eviction now.
+#[derive(Debug)]
+pub struct LeaseHeld {
+    /// The member holding the lease (its advertised URL, or its id when not known yet).
+    pub holder: Option<String>,
+    pub reason: String,
 }
 
 /// A member's id: stable across restarts (ownership does not move when a node comes back).
@@ -157,6 +170,8 @@ impl Cluster {
             live: RwLock::new(Arc::new(vec![me])),
             urls: Mutex::new(HashMap::new()),
             held: Mutex::new(None),
+            holder: Mutex::new(None),
+            beating: Mutex::new(()),
             http,
             rt,
             stopped: AtomicBool::new(false),
@@ -214,6 +229,31 @@ impl Cluster {
         self.held.lock().is_some_and(|t| t.elapsed() + self.heartbeat * 2 < lease)
     }
 
+    /// Makes sure this node holds the maintenance lease before a run an operator asked for
+    /// (`POST /gc`, `berth gc`): one GC at a time for the whole bucket, whichever node was
+    /// asked. A lapsed lease is taken here rather than at the next heartbeat; a lease another
+    /// member holds is not, and the error names that member. Blocking (bucket requests).
+    pub fn hold_lease_for_run(&self) -> Result<(), LeaseHeld> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        // A heartbeat now: renews this node's view and takes the lease if it lapsed.
+        if let Err(e) = self.beat() {
+            return Err(LeaseHeld { holder: None, reason: format!("cannot read the maintenance lease: {e}") });
+        }
+        if self.is_leader() {
+            return Ok(());
+        }
+        let id = self.holder.lock().clone();
+        let url = id.as_ref().and_then(|id| self.urls.lock().get(id).cloned());
+        let holder = url.or(id);
+        let reason = match &holder {
+            Some(h) => format!("another cluster member ({h}) holds the maintenance lease; run it there, or wait until that lease lapses"),
+            None => "the maintenance lease is being taken over; try again in a few seconds".to_string(),
+        };
+        Err(LeaseHeld { holder, reason })
+    }
+
     fn lease_time(&self) -> Duration {
         self.timeout * 2
     }
@@ -226,6 +266,7 @@ impl Cluster {
 
     /// One heartbeat: announce, list the members, take or renew the lease.
     fn beat(&self) -> crate::store::error::Result<()> {
+        let _one = self.beating.lock();
         let body = serde_json::to_vec(&serde_json::json!({"url": self.me.url})).expect("json");
         self.bucket.put(&format!("{MEMBERS}{}", self.me.id), Bytes::from(body), false)?;
         let listed = self.bucket.list_modified(MEMBERS)?;
@@ -308,6 +349,7 @@ impl Cluster {
         if holder.as_deref() != Some(self.me.id.as_str()) {
             *self.held.lock() = None;
         }
+        *self.holder.lock() = holder;
         if self.is_leader() {
             for (e, _) in epochs.iter().filter(|(e, _)| *e + 2 < epoch) {
                 self.bucket.delete(&format!("{LEASE}{e:020}"))?;

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /gc` (what `berth gc` calls
-//! so that collection runs under the server's own locks and index), and the webhooks'
+//! so that collection runs under the server's own locks and index, and in a cluster under the
+//! maintenance lease: 409 naming the holder elsewhere), and the webhooks'
 //! deliveries and dead letters (`/events/...`).
 //!
 //! It runs on a thread and runtime of its own, outside pingora's services: pingora stops every
@@ -7,6 +8,7 @@
 //! answering 503 to load balancers for the whole drain, until the process exits.
 
 use crate::metrics;
+use crate::registry::GcRefused;
 use crate::store::Store;
 use bytes::Bytes;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
@@ -108,9 +110,12 @@ impl Admin {
                 None => (503, "text/plain", "no registry\n".to_string()),
                 Some(reg) => {
                     let dry_run = crate::oci::route::query_param(Some(&query), "dry_run").is_some_and(|v| v == "true" || v == "1");
-                    match reg.gc(dry_run).await {
+                    match reg.gc_requested(dry_run).await {
                         Ok(r) => (200, "application/json", serde_json::to_string_pretty(&r).expect("report serializes")),
-                        Err(e) => (500, "text/plain", format!("gc failed: {e}\n")),
+                        Err(GcRefused::LeaseHeld(l)) => {
+                            (409, "application/json", serde_json::json!({ "error": l.reason, "lease_holder": l.holder }).to_string())
+                        }
+                        Err(GcRefused::Failed(e)) => (500, "text/plain", format!("gc failed: {e}\n")),
                     }
                 }
             },

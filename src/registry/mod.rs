@@ -81,6 +81,14 @@ impl Target {
     }
 }
 
+/// Why a GC an operator asked for did not run.
+#[derive(Debug)]
+pub enum GcRefused {
+    /// Another cluster member holds the maintenance lease.
+    LeaseHeld(crate::cluster::LeaseHeld),
+    Failed(crate::store::StoreError),
+}
+
 pub struct Registry {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
@@ -210,6 +218,18 @@ impl Registry {
             self.events.emit_logged(ev, &crate::events::Actor::default()).await;
         }
         Ok(report)
+    }
+
+    /// A GC an operator asked for (`POST /gc` on the admin listener, which `berth gc` calls).
+    /// In a cluster it runs under the maintenance lease like the scheduled one, so that one GC
+    /// runs at a time for the whole bucket: on a node that does not hold the lease it is
+    /// refused, naming the holder.
+    pub async fn gc_requested(&self, dry_run: bool) -> Result<crate::store::gc::GcReport, GcRefused> {
+        if let Some(c) = self.cluster() {
+            let c = c.clone();
+            crate::store::blocking(move || Ok(c.hold_lease_for_run())).await.map_err(GcRefused::Failed)?.map_err(GcRefused::LeaseHeld)?;
+        }
+        self.gc(dry_run).await.map_err(GcRefused::Failed)
     }
 
     /// Decides where a repository named in a request lives, in the documented order:
