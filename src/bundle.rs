@@ -411,6 +411,7 @@ pub async fn import<R: Read + Send + 'static>(
                 (p.blobs, p.children),
                 place.immutable.clone(),
                 place.quota,
+                None,
             )
             .await
             .map_err(|e| format!("storing {}@{}: {e}", p.repo, p.digest))?;
@@ -619,6 +620,7 @@ mod tests {
                 TagExpect::Any,
                 (info.blobs, info.children),
                 Arc::new(|_: &str| false),
+                None,
                 None,
             )
             .await

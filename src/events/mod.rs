@@ -206,14 +206,16 @@ pub fn platforms_of(manifest: &[u8]) -> Vec<String> {
 /// An event ready to be recorded (see [`Events::prepare`]).
 #[derive(Default)]
 pub struct Prepared {
-    outbox: Option<(OutboxRef, Entry, Vec<u8>)>,
+    outbox: Option<(OutboxRef, Entry)>,
+    /// The entry's bytes, until the caller takes them to write.
+    body: Option<Vec<u8>>,
     audit: Option<serde_json::Value>,
 }
 
 impl Prepared {
-    /// The outbox entry to make durable, if anything will deliver the event.
-    pub fn outbox_entry(&self) -> Option<(OutboxRef, Vec<u8>)> {
-        self.outbox.as_ref().map(|(r, _, body)| (r.clone(), body.clone()))
+    /// The outbox entry to make durable, if anything will deliver the event (once).
+    pub fn take_outbox(&mut self) -> Option<(OutboxRef, Vec<u8>)> {
+        Some((self.outbox.as_ref()?.0.clone(), self.body.take()?))
     }
 }
 
@@ -375,15 +377,15 @@ impl Events {
             }
             l
         });
-        let mut outbox = None;
+        let (mut outbox, mut body) = (None, None);
         if self.hooks.iter().any(|h| wants(h, &ev)) || !self.replications(&ev).is_empty() {
             let ms = now_ms();
             let r = OutboxRef::new(&self.node(), ms, &ev.id);
             let entry = Entry { recorded_ms: ms, webhook: None, event: ev };
-            let body = serde_json::to_vec(&entry).expect("an event serializes");
-            outbox = Some((r, entry, body));
+            body = Some(serde_json::to_vec(&entry).expect("an event serializes"));
+            outbox = Some((r, entry));
         }
-        Prepared { outbox, audit }
+        Prepared { outbox, body, audit }
     }
 
     /// Hands a prepared event whose outbox entry is durable to the sender, and writes its
@@ -402,7 +404,7 @@ impl Events {
                 tracing::error!(error = %e, "writing the audit log");
             }
         }
-        if let Some((r, entry, _)) = p.outbox {
+        if let Some((r, entry)) = p.outbox {
             let _ = self.tx.send((r, Some(entry)));
         }
     }
@@ -414,8 +416,8 @@ impl Events {
         if !self.enabled() {
             return Ok(());
         }
-        let p = self.prepare(ev, actor);
-        if let Some((r, body)) = p.outbox_entry() {
+        let mut p = self.prepare(ev, actor);
+        if let Some((r, body)) = p.take_outbox() {
             let store = self.store.clone();
             crate::store::blocking(move || store.outbox_append(&r, &body)).await?;
         }

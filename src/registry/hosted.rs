@@ -182,7 +182,7 @@ async fn put_manifest(
     let tag_names: Vec<String> = tags.iter().map(|t| t.as_str().to_string()).collect();
     // The event is written with the manifest: a push acknowledged is an event kept, and no
     // event names a push that was refused.
-    let prepared = reg.events.enabled().then(|| {
+    let mut prepared = reg.events.enabled().then(|| {
         let about = About {
             repository: r,
             tags: &tag_names,
@@ -195,7 +195,7 @@ async fn put_manifest(
         reg.events.prepare(reg.events.event("manifest.pushed", &about, actor), actor)
     });
     store
-        .put_manifest_recording(
+        .put_manifest(
             r,
             &digest,
             bytes,
@@ -205,7 +205,7 @@ async fn put_manifest(
             (info.blobs.clone(), children),
             reg.immutable_of(r),
             reg.quota_of(r),
-            prepared.as_ref().and_then(|p| p.outbox_entry()),
+            prepared.as_mut().and_then(|p| p.take_outbox()),
         )
         .await?;
     if let Some(p) = prepared {

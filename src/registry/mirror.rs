@@ -849,6 +849,7 @@ async fn fetch_manifest(
             (Vec::new(), Vec::new()),
             Arc::new(|_: &str| false),
             None,
+            None,
         )
         .await?;
     store.cache_filled(&actual).await;

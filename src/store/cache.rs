@@ -346,6 +346,7 @@ mod tests {
             (vec![], vec![]),
             Arc::new(|_: &str| false),
             None,
+            None,
         )
         .await
         .unwrap();

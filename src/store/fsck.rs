@@ -269,6 +269,7 @@ mod tests {
             (vec![ld.clone()], vec![]),
             Arc::new(|_: &str| false),
             None,
+            None,
         )
         .await
         .unwrap();

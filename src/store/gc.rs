@@ -333,7 +333,7 @@ mod tests {
         );
         let md = Digest::sha256_of(m.as_bytes());
         let meta = ManifestMeta { media_type: manifest::OCI_MANIFEST.into(), size: m.len() as u64, ..Default::default() };
-        s.put_manifest(repo, &md, Bytes::from(m), meta, vec![tag.into()], TagExpect::Any, (vec![ld.clone()], vec![]), none(), None)
+        s.put_manifest(repo, &md, Bytes::from(m), meta, vec![tag.into()], TagExpect::Any, (vec![ld.clone()], vec![]), none(), None, None)
             .await
             .unwrap();
         (md, ld)
@@ -404,7 +404,7 @@ mod tests {
             subject: with_subject.then(|| subject.to_string()),
             ..Default::default()
         };
-        s.put_manifest(repo, &md, Bytes::from(m), meta, tags, TagExpect::Any, (vec![empty], vec![]), none(), None).await.unwrap();
+        s.put_manifest(repo, &md, Bytes::from(m), meta, tags, TagExpect::Any, (vec![empty], vec![]), none(), None, None).await.unwrap();
         md
     }
 
@@ -519,6 +519,7 @@ mod tests {
                 TagExpect::Any,
                 (vec![d.clone()], vec![]),
                 none(),
+                None,
                 None,
             )
             .await

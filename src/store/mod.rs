@@ -464,28 +464,11 @@ impl Store {
     // ---- manifests and tags ----
 
     /// Stores a manifest's exact bytes, records it and points `tags` at it in one transaction
-    /// (see [`ManifestPut`]). Visible only once its bytes are durable.
+    /// (see [`ManifestPut`]). Visible only once its bytes are durable. `event` (an outbox
+    /// entry) is recorded with it: in the same transaction where the metadata store keeps the
+    /// outbox, right after it otherwise; either way it is durable when this returns Ok.
     #[allow(clippy::too_many_arguments)]
     pub async fn put_manifest(
-        self: &Arc<Self>,
-        repo: &str,
-        d: &Digest,
-        bytes: Bytes,
-        meta: ManifestMeta,
-        tags: Vec<String>,
-        expect: TagExpect,
-        refs: (Vec<Digest>, Vec<Digest>),
-        immutable: Arc<dyn Fn(&str) -> bool + Send + Sync>,
-        quota: Option<u64>,
-    ) -> Result<()> {
-        self.put_manifest_recording(repo, d, bytes, meta, tags, expect, refs, immutable, quota, None).await
-    }
-
-    /// [`Store::put_manifest`] that also records `event` (an outbox entry) with the manifest:
-    /// in the same transaction where the metadata store keeps the outbox, right after it
-    /// otherwise. Either way the entry is durable when this returns Ok.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn put_manifest_recording(
         self: &Arc<Self>,
         repo: &str,
         d: &Digest,
@@ -760,6 +743,7 @@ mod tests {
                 (vec![x.clone()], vec![]),
                 imm_none(),
                 None,
+                None,
             )
             .await
             .unwrap();
@@ -786,7 +770,7 @@ mod tests {
             let body = Bytes::from(format!("{{\"n\":{i}}}"));
             let d = Digest::sha256_of(&body);
             let meta = ManifestMeta { media_type: "application/json".into(), size: body.len() as u64, ..Default::default() };
-            s.put_manifest("team/c", &d, body, meta, vec![], TagExpect::Any, (vec![], vec![]), imm_none(), None).await.unwrap();
+            s.put_manifest("team/c", &d, body, meta, vec![], TagExpect::Any, (vec![], vec![]), imm_none(), None, None).await.unwrap();
             digests.push(d);
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -804,7 +788,9 @@ mod tests {
             let d = &digests[i % 2];
             let body = Bytes::from(format!("{{\"n\":{}}}", i % 2));
             let meta = ManifestMeta { media_type: "application/json".into(), size: body.len() as u64, ..Default::default() };
-            s.put_manifest("team/c", d, body, meta, vec!["t".into()], TagExpect::Any, (vec![], vec![]), imm_none(), None).await.unwrap();
+            s.put_manifest("team/c", d, body, meta, vec!["t".into()], TagExpect::Any, (vec![], vec![]), imm_none(), None, None)
+                .await
+                .unwrap();
             assert_eq!(s.tag_digest("team/c", "t").unwrap().as_ref(), Some(d), "write {i}");
         }
         assert!(s.delete_tag("team/c", "t", false).await.unwrap());

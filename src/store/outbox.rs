@@ -146,7 +146,7 @@ mod tests {
         let put = |refs: Vec<Digest>, r: OutboxRef| {
             let (s, body, meta, d) = (s.clone(), body.clone(), meta.clone(), d.clone());
             async move {
-                s.put_manifest_recording(
+                s.put_manifest(
                     "team/app",
                     &d,
                     body,
